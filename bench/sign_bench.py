@@ -1,0 +1,195 @@
+"""Signing microbenchmark: microseconds per token, ES256 / EdDSA / HMAC-SHA256.
+
+Compares, in one process and with the same keys:
+  floor      raw `cryptography` sign of a prebuilt JWT signing input with a cached key
+  pyjwt      `jwt.encode` with a cached key object (fresh claims and nonce each call)
+  coinbase   coinbase-advanced-py `coinbase.jwt_generator.build_rest_jwt` (parses the key each call)
+  cdp-sdk    cdp-sdk `cdp.auth.generate_jwt(JwtOptions(...))` (parses the key each call)
+  ours       signing_proxy.signers.CdpJwtSigner(...).sign(...) / HmacSigner(...).sign(...)
+Each figure is the best of several repeats (timeit-style), so it is the cost when warm and undisturbed.
+A missing implementation is reported as such, never fatal.
+
+Usage: python sign_bench.py [--quick] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import sys
+import time
+import timeit
+from pathlib import Path
+from typing import Any, Callable
+
+import jwt
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+KEY_NAME = "organizations/bench-org/apiKeys/bench-key"
+HOST = "api.coinbase.com"
+PATH = "/api/v3/brokerage/accounts"
+URI = f"GET {HOST}{PATH}"
+
+
+def b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def signing_input(alg: str) -> bytes:
+    now = int(time.time())
+    header = {"alg": alg, "kid": KEY_NAME, "nonce": secrets.token_hex(), "typ": "JWT"}
+    claims = {"sub": KEY_NAME, "iss": "cdp", "nbf": now, "exp": now + 120, "uri": URI}
+    return b64url(json.dumps(header).encode()) + b"." + b64url(json.dumps(claims).encode())
+
+
+def measure(fn: Callable[[], Any], budget: float, repeats: int) -> float:
+    """Best per-call time in microseconds over `repeats` runs of about `budget` seconds each."""
+    fn()  # warm: imports, caches, first-call costs
+    number, elapsed = 1, 0.0
+    while elapsed < budget / 4:  # calibrate the loop count
+        number *= 2
+        elapsed = timeit.timeit(fn, number=number)
+    number = max(1, int(number * budget / max(elapsed, 1e-9)))
+    return min(timeit.repeat(fn, number=number, repeat=repeats)) / number * 1e6
+
+
+def verify_jwt(token: str, public_key: Any, alg: str) -> str:
+    claims = jwt.decode(token, public_key, algorithms=[alg], options={"verify_aud": False})
+    header = jwt.get_unverified_header(token)
+    problems = []
+    if claims.get("uri") != URI:
+        problems.append(f"uri={claims.get('uri')!r}")
+    if claims.get("sub") != KEY_NAME or header.get("kid") != KEY_NAME:
+        problems.append("sub/kid")
+    if claims.get("iss") != "cdp" or claims.get("exp", 0) - claims.get("nbf", 0) != 120:
+        problems.append("iss/nbf/exp")
+    if not header.get("nonce"):
+        problems.append("nonce")
+    return "ok" if not problems else "BAD: " + ", ".join(problems)
+
+
+def jwt_cases(alg: str) -> tuple[dict[str, Callable[[], Any]], dict[str, str], dict[str, str]]:
+    """Callables per implementation, plus a validity check and any errors."""
+    if alg == "ES256":
+        key: Any = ec.generate_private_key(ec.SECP256R1())
+        secret = key.private_bytes(serialization.Encoding.PEM,
+                                   serialization.PrivateFormat.TraditionalOpenSSL,
+                                   serialization.NoEncryption()).decode()
+        msg = signing_input(alg)
+        floor = lambda: key.sign(msg, ec.ECDSA(hashes.SHA256()))  # noqa: E731
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption())
+        pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        secret = base64.b64encode(seed + pub).decode()  # the CDP portal's Ed25519 secret format
+        msg = signing_input(alg)
+        floor = lambda: key.sign(msg)  # noqa: E731
+    public = key.public_key()
+    cases: dict[str, Callable[[], Any]] = {"floor (raw cryptography sign)": floor}
+    checks: dict[str, str] = {}
+    errors: dict[str, str] = {}
+
+    def pyjwt_encode() -> str:
+        now = int(time.time())
+        return jwt.encode({"sub": KEY_NAME, "iss": "cdp", "nbf": now, "exp": now + 120, "uri": URI},
+                          key, algorithm=alg, headers={"kid": KEY_NAME, "nonce": secrets.token_hex()})
+
+    cases["PyJWT jwt.encode (cached key)"] = pyjwt_encode
+
+    try:
+        from coinbase.jwt_generator import build_rest_jwt
+
+        cases["coinbase-advanced-py build_rest_jwt"] = lambda: build_rest_jwt(URI, KEY_NAME, secret)
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        errors["coinbase-advanced-py build_rest_jwt"] = f"not importable: {e}"
+
+    try:
+        from cdp.auth import JwtOptions, generate_jwt
+
+        cases["cdp-sdk generate_jwt"] = lambda: generate_jwt(JwtOptions(
+            api_key_id=KEY_NAME, api_key_secret=secret,
+            request_method="GET", request_host=HOST, request_path=PATH))
+    except Exception as e:  # noqa: BLE001
+        errors["cdp-sdk generate_jwt"] = f"not importable: {e}"
+
+    try:
+        from signing_proxy.signers import CdpJwtSigner
+
+        signer = CdpJwtSigner(KEY_NAME, key)
+        out = signer.sign("GET", HOST, PATH, "", b"")
+        token = out["Authorization"].removeprefix("Bearer ")
+        checks["signing-proxy CdpJwtSigner.sign"] = verify_jwt(token, public, alg)
+        cases["signing-proxy CdpJwtSigner.sign"] = lambda: signer.sign("GET", HOST, PATH, "", b"")
+    except Exception as e:  # noqa: BLE001
+        errors["signing-proxy CdpJwtSigner.sign"] = f"{type(e).__name__}: {e}"
+
+    for name in ("PyJWT jwt.encode (cached key)", "coinbase-advanced-py build_rest_jwt"):
+        if name in cases:
+            checks[name] = verify_jwt(cases[name](), public, alg)
+    return cases, checks, errors
+
+
+def hmac_cases() -> tuple[dict[str, Callable[[], Any]], dict[str, str], dict[str, str]]:
+    api_key, api_secret = "bench-api-key", secrets.token_urlsafe(24)
+    secret_bytes = api_secret.encode()
+    msg = f"{int(time.time())}GET{PATH}".encode()
+    cases: dict[str, Callable[[], Any]] = {
+        "floor (hmac.new(...).hexdigest())": lambda: hmac.new(secret_bytes, msg, hashlib.sha256).hexdigest(),
+    }
+    checks: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    try:
+        from signing_proxy.signers import HmacSigner
+
+        signer = HmacSigner(api_key, api_secret, clock=lambda: 1700000000.0)
+        out = {k.lower(): v for k, v in signer.sign("GET", HOST, PATH, "", b"").items()}
+        want = hmac.new(secret_bytes, f"1700000000GET{PATH}".encode(), hashlib.sha256).hexdigest()
+        checks["signing-proxy HmacSigner.sign"] = "ok" if (
+            out.get("cb-access-sign") == want and out.get("cb-access-key") == api_key
+            and out.get("cb-access-timestamp") == "1700000000") else f"BAD: {out}"
+        live = HmacSigner(api_key, api_secret)
+        cases["signing-proxy HmacSigner.sign"] = lambda: live.sign("GET", HOST, PATH, "", b"")
+    except Exception as e:  # noqa: BLE001
+        errors["signing-proxy HmacSigner.sign"] = f"{type(e).__name__}: {e}"
+    return cases, checks, errors
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter loops (about 4x faster)")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = ap.parse_args()
+    budget, repeats = (0.08, 3) if args.quick else (0.25, 5)
+
+    results: dict[str, Any] = {"schemes": {}}
+    for scheme, builder in (("ES256", lambda: jwt_cases("ES256")),
+                            ("EdDSA", lambda: jwt_cases("EdDSA")),
+                            ("HMAC-SHA256", hmac_cases)):
+        cases, checks, errors = builder()
+        rows = {}
+        for name, fn in cases.items():
+            try:
+                rows[name] = {"us": measure(fn, budget, repeats), "check": checks.get(name, "")}
+            except Exception as e:  # noqa: BLE001 - e.g. a library that rejects this key type
+                errors[name] = f"{type(e).__name__}: {e}"
+        floor = next(v["us"] for k, v in rows.items() if k.startswith("floor"))
+        for row in rows.values():
+            row["x_floor"] = row["us"] / floor
+        results["schemes"][scheme] = {"rows": rows, "errors": errors}
+        for name, row in rows.items():
+            print(f"{scheme:12} {name:40} {row['us']:9.2f} us  {row['x_floor']:5.2f}x floor  {row['check']}")
+        for name, err in errors.items():
+            print(f"{scheme:12} {name:40} unavailable: {err}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

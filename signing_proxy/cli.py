@@ -1,0 +1,159 @@
+"""The ``signing-proxy`` command: serve, check, jwt (see CONTRACT.md).
+
+Exit codes: 0 fine, 1 a problem with credentials or a request, 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from . import __version__
+from .config import Config, load_config
+from .credentials import CredentialStore, load_key_file, parse_private_key, public_fingerprint
+from .errors import ConfigError, CredentialError
+from .signers import CdpJwtSigner, jwt_uri
+
+__all__ = ["main"]
+
+_DESCRIPTION = """\
+Authenticating forward proxy for Coinbase APIs. Apps send plain HTTP to it; it signs each
+request (CDP JWT, ES256 or EdDSA, or legacy HMAC) and forwards it over TLS.
+"""
+_EPILOG = """\
+examples:
+  signing-proxy serve -c config.yaml
+  signing-proxy check -c config.yaml
+  signing-proxy jwt --key-file cdp_api_key.json GET https://api.coinbase.com/api/v3/brokerage/accounts
+  eval $(signing-proxy jwt --export --key-file cdp_api_key.json GET api.coinbase.com/api/v3/brokerage/accounts)
+"""
+
+
+def _config(path: str) -> Config:
+    return load_config(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import run
+    from .logs import setup_logging
+
+    config = _config(args.config)
+    setup_logging(config.log_format, config.log_level)
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        asyncio.run(run(config))
+    else:  # optional extra: a faster event loop
+        uvloop.run(run(config))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    print(f"config {config.path}: ok")
+    print(f"  listen {config.listen}, admin {config.admin_listen}")
+    store = CredentialStore(config.credentials)
+    problems = store.load_all()
+    for cred in store:
+        if cred.info is not None:
+            i = cred.info
+            print(
+                f"credential {i.name}: {i.scheme} key {i.key_id} fingerprint {i.fingerprint} ({i.source})"
+            )
+        else:
+            print(f"credential {cred.name}: NOT LOADED")
+    for up in config.upstreams.values():
+        via = "" if up.url == f"https://{up.name}" else f" via {up.url}"
+        print(
+            f"upstream {up.name}{via}: credential {up.credential or '(none: unsigned)'}, timeout {up.timeout:g}s"
+        )
+        if up.ca_file is not None and not up.ca_file.is_file():
+            problems.append(f"upstreams.{up.name}.ca_file: {up.ca_file} does not exist")
+    for route in config.routes:
+        signed_by = route.credential or config.upstreams[route.upstream].credential
+        print(f"route {route.prefix} -> {route.upstream} (credential {signed_by or 'none'})")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def cmd_jwt(args: argparse.Namespace) -> int:
+    target = args.url if "://" in args.url else f"https://{args.url}"
+    parts = urlsplit(target)
+    if not parts.hostname:
+        raise CredentialError(
+            f"cannot find a host in {args.url!r}; give https://HOST/PATH or HOST/PATH"
+        )
+    path = parts.path or "/"
+    key_name, secret = load_key_file(Path(args.key_file))
+    key = parse_private_key(secret, f"key_file {args.key_file} (privateKey)")
+    token = CdpJwtSigner(key_name, key).token(jwt_uri(args.method, parts.hostname, path))
+    print(f"export JWT={shlex.quote(token)}" if args.export else token)
+    if args.verbose:
+        print(
+            f"# uri: {jwt_uri(args.method, parts.hostname, path)}; fingerprint {public_fingerprint(key)}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="signing-proxy",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy and its admin listener until SIGTERM/SIGINT.",
+    )
+    p.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "check",
+        help="validate the config and load every credential",
+        description="Load the config and every credential; print names, schemes, key ids and public-key "
+        "fingerprints (never secrets). Exits non-zero on any problem.",
+    )
+    p.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "jwt",
+        help="print one JWT for a request, for your own curl",
+        description="Print a bare JWT for METHOD URL (valid 120 s, one request). The query string is "
+        "not part of the signed uri.",
+    )
+    p.add_argument("--key-file", required=True, help="CDP key JSON as downloaded from the portal")
+    p.add_argument("--export", action="store_true", help="print `export JWT=<token>` for eval")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the signed uri to stderr")
+    p.add_argument("method", metavar="METHOD", type=str.upper, help="HTTP method, e.g. GET")
+    p.add_argument("url", metavar="URL", help="https://host/path?query or host/path")
+    p.set_defaults(func=cmd_jwt)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"signing-proxy: config error: {exc.message}", file=sys.stderr)
+        return 2
+    except CredentialError as exc:
+        print(f"signing-proxy: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code

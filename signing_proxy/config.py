@@ -1,0 +1,401 @@
+"""The config file: YAML parsed once into frozen dataclasses, validated, or one ConfigError.
+
+Secrets are not read here: a secret field is kept as a ``SecretSource`` (inline value, env var or
+file) and read by credentials.py, which can re-read it when the file changes. Relative file paths
+are resolved against the config file's folder. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "Config",
+    "CredentialConfig",
+    "ListenAddress",
+    "RouteConfig",
+    "SecretSource",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
+DEFAULT_UPSTREAM_TIMEOUT: Final = 30.0
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    """Where one secret value comes from; ``describe()`` is safe to show, the value is not."""
+
+    field: str  # the config field that named it, e.g. "private_key_env"
+    kind: Literal["inline", "env", "file"]
+    ref: str  # the inline value, the env var's name, or the file path
+
+    def describe(self) -> str:
+        if self.kind == "env":
+            return f"env var {self.ref}"
+        if self.kind == "file":
+            return f"file {self.ref}"
+        return f"inline config field '{self.field}'"
+
+    def __repr__(self) -> str:  # never let an inline secret reach a log through repr()
+        shown = "<inline>" if self.kind == "inline" else self.ref
+        return f"SecretSource({self.field!r}, {self.kind!r}, {shown!r})"
+
+
+@dataclass(frozen=True)
+class CredentialConfig:
+    name: str
+    type: Literal["cdp", "hmac"]
+    key_file: Path | None = None  # CDP key JSON as downloaded
+    key_name: SecretSource | None = None  # CDP, when not from key_file
+    private_key: SecretSource | None = None
+    api_key: SecretSource | None = None  # HMAC
+    api_secret: SecretSource | None = None
+
+    def files(self) -> tuple[Path, ...]:
+        """Files this credential is read from (watched for rotation)."""
+        found = [self.key_file] if self.key_file else []
+        for src in (self.key_name, self.private_key, self.api_key, self.api_secret):
+            if src is not None and src.kind == "file":
+                found.append(Path(src.ref))
+        return tuple(found)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str  # the host Coinbase knows: signed into `uri` and sent as Host
+    credential: str | None
+    url: str  # where to connect: scheme://host[:port], no path
+    ca_file: Path | None
+    timeout: float
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    prefix: str
+    upstream: str
+    credential: str | None  # None: the upstream's credential
+    strip_prefix: bool = False
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    listen: ListenAddress
+    admin_listen: ListenAddress
+    drain_timeout: float
+    credentials: Mapping[str, CredentialConfig]
+    upstreams: Mapping[str, UpstreamConfig]
+    routes: tuple[RouteConfig, ...]
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    inbound_token: SecretSource | None = None
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by optional features
+
+
+_TOP_KEYS: Final = {
+    "listen",
+    "admin_listen",
+    "drain_timeout",
+    "credentials",
+    "upstreams",
+    "routes",
+    "max_body_bytes",
+    "inbound_auth",
+    "log_format",
+    "log_level",
+}
+_EXTRA_KEYS: Final = {"topper"}  # parsed by the feature that owns them
+_CDP_KEYS: Final = {
+    "type",
+    "key_file",
+    *(f"{b}{s}" for b in ("key_name", "private_key") for s in ("", "_env", "_file")),
+}
+_HMAC_KEYS: Final = {
+    "type",
+    *(f"{b}{s}" for b in ("api_key", "api_secret") for s in ("", "_env", "_file")),
+}
+_UPSTREAM_KEYS: Final = {"credential", "url", "ca_file", "timeout"}
+_ROUTE_KEYS: Final = {"prefix", "upstream", "credential", "strip_prefix"}
+_LOG_LEVELS: Final = {"DEBUG", "INFO", "WARNING", "ERROR"}
+
+
+class _Reader:
+    """Helpers that know the file name, so every error names file and field."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.base = path.parent if path else Path.cwd()
+
+    def fail(self, where: str, problem: str) -> ConfigError:
+        origin = f"{self.path}: " if self.path else ""
+        return ConfigError(f"{origin}{where}: {problem}")
+
+    def mapping(self, value: Any, where: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def known(self, data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+        for key in data:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise self.fail(where, f"unknown field '{key}'{hint}")
+
+    def string(self, value: Any, where: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(where, "expected a non-empty string")
+        return value.strip()
+
+    def number(self, value: Any, where: str, *, minimum: float = 0.0) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise self.fail(where, "expected a number")
+        if value <= minimum:
+            raise self.fail(where, f"must be greater than {minimum:g}")
+        return float(value)
+
+    def file_path(self, value: Any, where: str) -> Path:
+        path = Path(os.path.expanduser(self.string(value, where)))
+        return path if path.is_absolute() else self.base / path
+
+    def listen(self, value: Any, where: str) -> ListenAddress:
+        text = self.string(str(value) if isinstance(value, int) else value, where)
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
+            raise self.fail(where, f"expected HOST:PORT, got {text!r}")
+        host = host.strip("[]") or "127.0.0.1"
+        return ListenAddress(host, int(port))
+
+    def secret(self, data: Mapping[str, Any], base: str, where: str) -> SecretSource | None:
+        """One secret from exactly one of BASE, BASE_env, BASE_file."""
+        given = [k for k in (base, f"{base}_env", f"{base}_file") if data.get(k) is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise self.fail(where, f"give only one of {', '.join(given)}")
+        key = given[0]
+        if key == base:
+            return SecretSource(key, "inline", self.string(data[key], f"{where}.{key}"))
+        if key.endswith("_env"):
+            return SecretSource(key, "env", self.string(data[key], f"{where}.{key}"))
+        return SecretSource(key, "file", str(self.file_path(data[key], f"{where}.{key}")))
+
+
+def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
+    where = f"credentials.{name}"
+    data = r.mapping(raw, where)
+    kind = data.get("type", "cdp")
+    if kind == "hmac":
+        r.known(data, _HMAC_KEYS, where)
+        api_key = r.secret(data, "api_key", where)
+        api_secret = r.secret(data, "api_secret", where)
+        if api_key is None or api_secret is None:
+            raise r.fail(
+                where,
+                "an hmac credential needs api_key (or _env/_file) and api_secret (or _env/_file)",
+            )
+        return CredentialConfig(name, "hmac", api_key=api_key, api_secret=api_secret)
+    if kind != "cdp":
+        raise r.fail(f"{where}.type", f"expected 'cdp' or 'hmac', got {kind!r}")
+    r.known(data, _CDP_KEYS, where)
+    key_name = r.secret(data, "key_name", where)
+    private_key = r.secret(data, "private_key", where)
+    if "key_file" in data:
+        if key_name or private_key:
+            raise r.fail(where, "give key_file, or key_name + private_key, not both")
+        return CredentialConfig(
+            name, "cdp", key_file=r.file_path(data["key_file"], f"{where}.key_file")
+        )
+    if key_name is None or private_key is None:
+        raise r.fail(
+            where,
+            "a CDP credential needs key_file (the key JSON downloaded from the CDP portal), "
+            "or key_name (or _env/_file) and private_key (or _env/_file)",
+        )
+    return CredentialConfig(name, "cdp", key_name=key_name, private_key=private_key)
+
+
+def _upstream(
+    r: _Reader, name: Any, raw: Any, credentials: Mapping[str, CredentialConfig]
+) -> UpstreamConfig:
+    where = f"upstreams.{name}"
+    if not isinstance(name, str) or "/" in name or ":" in name or not name.strip():
+        raise r.fail(
+            where,
+            "an upstream is named by its host name, e.g. api.coinbase.com (no scheme, no port)",
+        )
+    host = name.strip().lower()
+    data = r.mapping(raw, where)
+    r.known(data, _UPSTREAM_KEYS, where)
+    credential = data.get("credential")
+    if credential is not None and credential not in credentials:
+        raise r.fail(
+            f"{where}.credential", f"no credential named {credential!r} under credentials:"
+        )
+    url = f"https://{host}"
+    if data.get("url") is not None:
+        text = r.string(data["url"], f"{where}.url")
+        parts = urlsplit(text)
+        if parts.scheme not in ("https", "wss") or not parts.hostname:
+            raise r.fail(
+                f"{where}.url",
+                "must be https://HOST[:PORT] (or wss:// for WebSocket hosts): the upstream is always reached over TLS",
+            )
+        if parts.path not in ("", "/") or parts.query or parts.username:
+            raise r.fail(
+                f"{where}.url",
+                "give only scheme, host and port; the request path comes from the client",
+            )
+        url = f"{parts.scheme}://{parts.netloc}"
+    ca_file = r.file_path(data["ca_file"], f"{where}.ca_file") if data.get("ca_file") else None
+    timeout = r.number(data.get("timeout", DEFAULT_UPSTREAM_TIMEOUT), f"{where}.timeout")
+    return UpstreamConfig(host, credential, url, ca_file, timeout)
+
+
+def _route(
+    r: _Reader,
+    index: int,
+    raw: Any,
+    cfg_upstreams: Mapping[str, UpstreamConfig],
+    credentials: Mapping[str, CredentialConfig],
+) -> RouteConfig:
+    where = f"routes[{index}]"
+    data = r.mapping(raw, where)
+    r.known(data, _ROUTE_KEYS, where)
+    prefix = r.string(data.get("prefix"), f"{where}.prefix")
+    if not prefix.startswith("/"):
+        raise r.fail(f"{where}.prefix", f"must start with '/', got {prefix!r}")
+    upstream = str(data.get("upstream", "")).lower()
+    if upstream not in cfg_upstreams:
+        raise r.fail(
+            f"{where}.upstream",
+            f"{data.get('upstream')!r} is not one of upstreams: ({', '.join(cfg_upstreams) or 'none configured'})",
+        )
+    credential = data.get("credential")
+    if credential is not None and credential not in credentials:
+        raise r.fail(
+            f"{where}.credential", f"no credential named {credential!r} under credentials:"
+        )
+    strip = data.get("strip_prefix", False)
+    if not isinstance(strip, bool):
+        raise r.fail(f"{where}.strip_prefix", "expected true or false")
+    return RouteConfig(prefix, upstream, credential, strip)
+
+
+def parse_config(raw: Any, path: Path | None = None) -> Config:
+    """Validate an already-loaded YAML document."""
+    r = _Reader(path)
+    data = r.mapping(raw, "top level")
+    r.known(data, _TOP_KEYS | _EXTRA_KEYS, "top level")
+
+    credentials: dict[str, CredentialConfig] = {}
+    for name, value in r.mapping(data.get("credentials"), "credentials").items():
+        credentials[str(name)] = _credential(r, str(name), value)
+
+    upstreams: dict[str, UpstreamConfig] = {}
+    for name, value in r.mapping(data.get("upstreams"), "upstreams").items():
+        up = _upstream(r, name, value, credentials)
+        upstreams[up.name] = up
+    if not upstreams:
+        raise r.fail("upstreams", "configure at least one upstream host, e.g. api.coinbase.com")
+
+    raw_routes = data.get("routes") or []
+    if not isinstance(raw_routes, list):
+        raise r.fail("routes", "expected a list of {prefix, upstream} entries")
+    routes = tuple(_route(r, i, item, upstreams, credentials) for i, item in enumerate(raw_routes))
+
+    inbound = r.mapping(data.get("inbound_auth"), "inbound_auth")
+    r.known(inbound, {"token", "token_env", "token_file"}, "inbound_auth")
+    inbound_token = r.secret(inbound, "token", "inbound_auth")
+    if inbound and inbound_token is None:
+        raise r.fail("inbound_auth", "give token_env, token_file or token")
+
+    listen = r.listen(data.get("listen", "127.0.0.1:8080"), "listen")
+    admin = r.listen(data.get("admin_listen", "127.0.0.1:9090"), "admin_listen")
+    if not listen.is_loopback and inbound_token is None:
+        raise r.fail(
+            "listen",
+            f"{listen} is not a loopback address: anyone who can reach it could spend with your keys. "
+            "Configure inbound_auth (token_env/token_file) or listen on 127.0.0.1",
+        )
+    if listen.port and (listen.host, listen.port) == (admin.host, admin.port):
+        raise r.fail("admin_listen", "must differ from listen")
+
+    log_format = data.get("log_format", "json")
+    if log_format not in ("json", "text"):
+        raise r.fail("log_format", "expected 'json' or 'text'")
+    log_level = str(data.get("log_level", "INFO")).upper()
+    if log_level not in _LOG_LEVELS:
+        raise r.fail("log_level", f"expected one of {', '.join(sorted(_LOG_LEVELS))}")
+
+    return Config(
+        path=path,
+        listen=listen,
+        admin_listen=admin,
+        drain_timeout=r.number(data.get("drain_timeout", 20), "drain_timeout"),
+        credentials=credentials,
+        upstreams=upstreams,
+        routes=routes,
+        max_body_bytes=int(
+            r.number(data.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), "max_body_bytes")
+        ),
+        inbound_token=inbound_token,
+        log_format=log_format,
+        log_level=log_level,
+        extra={k: data[k] for k in _EXTRA_KEYS if k in data},
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; every problem is one ConfigError naming file and field."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read config file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError(f"{file}: not valid YAML at {at}") from None
+    return parse_config(raw, file.resolve())

@@ -1,0 +1,171 @@
+"""Where every request on the proxy listener enters: refuse, route, sign, relay, count, log.
+
+The flow is one straight line in ``ProxyHandler.__call__``; each step raises a ProxyError that is
+turned into the JSON error answer here, so no step has to know about HTTP error formatting.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+import time
+import traceback
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+
+from .credentials import CredentialStore
+from .errors import JSON_CONTENT_TYPE, ProxyError, RequestRejected
+from .logs import ACCESS_LOGGER
+from .metrics import ProxyMetrics, method_label, status_class
+from .relay import Exchange, Relay
+from .routing import Router, Target
+
+__all__ = ["ProxyHandler", "error_response"]
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+TOKEN_HEADER: Final = "X-Signing-Proxy-Token"  # noqa: S105 - a header name
+
+
+def _frames(exc: BaseException) -> list[str]:
+    """Where an exception came from, without its message (which could quote a value)."""
+    return [
+        f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+        for frame in traceback.extract_tb(exc.__traceback__)[-6:]
+    ]
+
+
+def error_response(exc: ProxyError, request_id: str) -> web.Response:
+    response = web.Response(
+        status=exc.status, body=exc.body(), content_type=JSON_CONTENT_TYPE,
+        headers={"X-Request-Id": request_id},
+    )  # fmt: skip
+    if exc.code == "proxy_auth_required":
+        response.headers["Proxy-Authenticate"] = 'Bearer realm="signing-proxy"'
+    return response
+
+
+class ProxyHandler:
+    def __init__(
+        self,
+        router: Router,
+        credentials: CredentialStore,
+        relay: Relay,
+        metrics: ProxyMetrics,
+        inbound_token: str | None = None,
+    ):
+        self.router = router
+        self.credentials = credentials
+        self.relay = relay
+        self.metrics = metrics
+        self._token = inbound_token.encode() if inbound_token else None
+
+    def _check_inbound_auth(self, request: web.Request) -> None:
+        if self._token is None:
+            return
+        offered = request.headers.get(TOKEN_HEADER, "")
+        if not offered:
+            scheme, _, value = request.headers.get("Proxy-Authorization", "").partition(" ")
+            offered = value.strip() if scheme.lower() == "bearer" else ""
+        if not hmac.compare_digest(offered.encode(), self._token):
+            raise RequestRejected(
+                f"this proxy requires a token: send 'Proxy-Authorization: Bearer <token>' or "
+                f"'{TOKEN_HEADER}: <token>'",
+                code="proxy_auth_required",
+                status=407,
+            )
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        offered_id = request.headers.get("X-Request-Id", "")
+        request_id = offered_id if _REQUEST_ID.fullmatch(offered_id) else secrets.token_hex(8)
+        ex = Exchange(request_id)
+        target: Target | None = None
+        credential: str | None = None
+        self.metrics.in_flight.inc()
+        try:
+            if request.method == "CONNECT":
+                raise RequestRejected(
+                    "CONNECT tunnels cannot be signed: the proxy must see the request to sign it. "
+                    "Send plain http:// URLs through the proxy (it always uses TLS upstream), "
+                    "e.g. curl -x http://127.0.0.1:8080 http://api.coinbase.com/api/v3/brokerage/accounts",
+                    code="connect_not_supported",
+                    status=405,
+                )
+            self._check_inbound_auth(request)
+            target = self.router.resolve(request.raw_path)
+            credential = target.credential
+            signer = self.credentials.signer(credential) if credential else None
+            response = await self.relay.forward(request, target, signer, ex)
+            if signer is not None:
+                self.metrics.tokens.labels(credential, signer.scheme).inc()
+                self.metrics.signing_duration.labels(signer.scheme).observe(ex.sign_seconds)
+            if target is not None:
+                self.metrics.upstream_duration.labels(target.upstream.name).observe(
+                    ex.upstream_seconds
+                )
+        except ProxyError as exc:
+            ex.status, ex.error = exc.status, exc.code
+            response = error_response(exc, request_id)
+        except (
+            Exception
+        ) as exc:  # a bug: answer JSON, log the type only (no values that may hold secrets)
+            log.error(
+                "internal error",
+                extra={"fields": {"request_id": request_id, "exc_type": type(exc).__name__,
+                                  "where": _frames(exc)}},
+            )  # fmt: skip
+            internal = ProxyError(f"internal error (request id {request_id}); see the proxy's log")
+            ex.status, ex.error = internal.status, internal.code
+            response = error_response(internal, request_id)
+        finally:
+            self.metrics.in_flight.dec()
+        if ex.error:
+            self.metrics.errors.labels(ex.error).inc()
+        self._account(request, request_id, target, credential, ex, time.perf_counter() - started)
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
+        return response
+
+    def _account(
+        self,
+        request: web.Request,
+        request_id: str,
+        target: Target | None,
+        credential: str | None,
+        ex: Exchange,
+        seconds: float,
+    ) -> None:
+        upstream = target.upstream.name if target else "-"
+        route = target.route if target else "-"
+        self.metrics.requests.labels(
+            upstream, method_label(request.method), route, status_class(ex.status)
+        ).inc()
+        self.metrics.request_duration.labels(upstream, route).observe(seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "request_id": request_id,
+                        "method": request.method,
+                        "upstream": upstream,
+                        "route": route,
+                        "path": target.path if target else request.path[:256],
+                        "credential": credential,
+                        "status": ex.status,
+                        "error": ex.error,
+                        "bytes_out": ex.bytes_out,
+                        "duration_ms": round(seconds * 1000, 3),
+                        "upstream_ms": round(ex.upstream_seconds * 1000, 3),
+                        "sign_ms": round(ex.sign_seconds * 1000, 3),
+                        "client": request.remote,
+                    }
+                },
+            )

@@ -1,0 +1,294 @@
+"""The upstream side: one pooled ClientSession, header hygiene, streaming, error translation.
+
+Bodies stream through in both directions unless the signer needs the request body (HMAC), in
+which case it is read up to ``max_body_bytes`` (413 above). Responses are never decompressed or
+followed: what the upstream says is what the client gets, minus hop-by-hop headers.
+
+aiohttp client exceptions are translated into UpstreamError here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .config import UpstreamConfig
+from .errors import RequestRejected, UpstreamError
+from .routing import Target
+from .signers import Signer
+
+__all__ = [
+    "Exchange",
+    "Relay",
+    "UpstreamEndpoint",
+    "create_session",
+    "filter_request_headers",
+    "filter_response_headers",
+    "translate_client_error",
+]
+
+log = logging.getLogger(__name__)
+
+_CHUNK: Final = 64 * 1024
+# RFC 9110 §7.6.1 hop-by-hop headers, plus the proxy's own inbound credentials.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded from the client: the proxy owns authentication and framing.
+_REQUEST_DROP: Final = HOP_BY_HOP | {
+    "authorization",
+    "host",
+    "content-length",
+    "expect",
+    "x-signing-proxy-token",
+}
+# aiohttp adds these when absent; a proxy must send only what the client sent.
+_NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    value = headers.get("Connection")
+    return {t.strip().lower() for t in value.split(",")} if value else set()
+
+
+def filter_request_headers(headers: CIMultiDictProxy[str], host: str) -> CIMultiDict[str]:
+    """Client headers fit to send upstream: no hop-by-hop, no client auth, Host = upstream name."""
+    named = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower in named or lower.startswith("cb-access-"):
+            continue
+        out.add(name, value)
+    out["Host"] = host
+    return out
+
+
+def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    named = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named:
+            continue
+        out.add(name, value)
+    return out
+
+
+def translate_client_error(exc: BaseException, upstream: str, timeout: float) -> UpstreamError:
+    """Map aiohttp/asyncio failures to stable codes. Order matters: subclasses first."""
+    if isinstance(exc, TimeoutError):  # includes aiohttp.ServerTimeoutError
+        return UpstreamError(
+            f"{upstream} did not answer within {timeout:g}s (upstream timeout)",
+            code="upstream_timeout",
+            status=504,
+        )
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return UpstreamError(
+            f"TLS certificate of {upstream} could not be verified; check the upstream's url/ca_file",
+            code="upstream_tls_error",
+        )
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return UpstreamError(f"TLS handshake with {upstream} failed", code="upstream_tls_error")
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+        exc.os_error, ConnectionResetError
+    ):
+        return UpstreamError(
+            f"{upstream} reset the connection while it was being opened",
+            code="upstream_connection_reset",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return UpstreamError(
+            f"cannot connect to {upstream} ({reason})", code="upstream_unreachable"
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError):
+        return UpstreamError(
+            f"{upstream} closed or reset the connection before answering",
+            code="upstream_connection_reset",
+        )
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return UpstreamError(
+            f"{upstream} sent a response that is not valid HTTP", code="upstream_bad_response"
+        )
+    return UpstreamError(f"request to {upstream} failed ({type(exc).__name__})")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamEndpoint:
+    """Per-upstream things built once: where to connect, TLS context, timeout."""
+
+    config: UpstreamConfig
+    origin: str  # scheme://host[:port] to connect to (http(s) form for REST)
+    ssl: ssl.SSLContext | bool
+    timeout: aiohttp.ClientTimeout
+
+    @classmethod
+    def build(cls, config: UpstreamConfig) -> UpstreamEndpoint:
+        context: ssl.SSLContext | bool = True
+        if config.ca_file is not None:
+            context = ssl.create_default_context()
+            context.load_verify_locations(cafile=str(config.ca_file))
+        origin = config.url.replace("wss://", "https://", 1)
+        return cls(config, origin, context, aiohttp.ClientTimeout(total=config.timeout))
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did, filled in as it goes; read by the access log and metrics."""
+
+    request_id: str = ""
+    status: int = 0
+    sign_seconds: float = 0.0
+    upstream_seconds: float = 0.0
+    bytes_out: int = 0
+    error: str | None = None
+
+
+def create_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0, ttl_dns_cache=300),
+        auto_decompress=False,  # bodies pass through untouched
+        cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
+        trust_env=False,  # the config's url: is the only way to reach an upstream
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+async def _stream_body(request: web.Request) -> AsyncIterator[bytes]:
+    while chunk := await request.content.readany():
+        yield chunk
+
+
+async def read_capped_body(request: web.Request, cap: int) -> bytes:
+    """The whole request body, refused with 413 above ``cap`` bytes (read no further than that)."""
+    declared = request.content_length
+    if declared is not None and declared > cap:
+        raise RequestRejected(
+            f"request body of {declared} bytes exceeds max_body_bytes ({cap}); "
+            "HMAC signing must read the whole body",
+            code="body_too_large",
+            status=413,
+        )
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > cap:
+            raise RequestRejected(
+                f"request body exceeds max_body_bytes ({cap})", code="body_too_large", status=413
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+class Relay:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        endpoints: Mapping[str, UpstreamEndpoint],
+        max_body_bytes: int,
+    ):
+        self.session = session
+        self.endpoints = endpoints
+        self.max_body_bytes = max_body_bytes
+
+    async def forward(
+        self, request: web.Request, target: Target, signer: Signer | None, ex: Exchange
+    ) -> web.StreamResponse:
+        endpoint = self.endpoints[target.upstream.name]
+        host = target.upstream.name
+        method = request.method
+        headers = filter_request_headers(request.headers, host)
+
+        data: bytes | AsyncIterator[bytes] | None = None
+        body: bytes | None = None
+        if signer is not None and signer.requires_body:
+            body = await read_capped_body(request, self.max_body_bytes)
+            data = body if body or request.body_exists else None
+        elif request.body_exists:
+            data = _stream_body(request)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+
+        if signer is not None:
+            t0 = time.perf_counter()
+            headers.update(signer.sign(method, host, target.path, target.query, body))
+            ex.sign_seconds = time.perf_counter() - t0
+
+        raw = endpoint.origin + target.path + ("?" + target.query if target.query else "")
+        url = URL(raw, encoded=True)  # send the path exactly as signed
+        timeout = endpoint.config.timeout
+        t0 = time.perf_counter()
+        try:
+            upstream = await self.session.request(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                ssl=endpoint.ssl,
+                timeout=endpoint.timeout,
+                skip_auto_headers=_NO_AUTO_HEADERS,
+            )
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+            raise translate_client_error(exc, host, timeout) from None
+        ex.upstream_seconds = time.perf_counter() - t0
+
+        out_headers = filter_response_headers(upstream.headers)
+        out_headers["X-Request-Id"] = ex.request_id
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=out_headers
+        )
+        ex.status = upstream.status
+        try:
+            await response.prepare(request)
+            try:
+                while chunk := await upstream.content.readany():
+                    await response.write(chunk)
+                    ex.bytes_out += len(chunk)
+            except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+                # Headers are gone already: the only honest signal left is a broken connection.
+                ex.error = translate_client_error(exc, host, timeout).code
+                log.warning(
+                    "upstream failed mid-response; closing the client connection",
+                    extra={"fields": {"upstream": host, "error": ex.error}},
+                )
+                _abort(request)
+                return response
+            await response.write_eof()
+            return response
+        except ConnectionResetError:  # the client went away; stop reading from upstream
+            ex.error = "client_disconnected"
+            return response
+        finally:
+            if ex.error:
+                upstream.close()  # do not return a half-read connection to the pool
+            else:
+                upstream.release()
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

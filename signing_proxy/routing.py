@@ -1,0 +1,174 @@
+"""Where a request goes: which upstream, which credential, which path is sent and signed.
+
+Two ways in:
+- base-URL mode, origin-form targets (``GET /api/v3/...``): the first route whose prefix matches;
+- forward-proxy mode, absolute-form targets (``GET http://api.coinbase.com/api/v3/...``): the
+  URL's host, which must be a configured upstream on its default port.
+
+The path is kept exactly as the client wrote it (percent-encoding untouched), because the upstream
+checks the signature against the path it receives. Paths that a server could resolve to something
+else than what was signed (dot-segments, control characters) are refused instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from yarl import URL
+
+from .config import Config, RouteConfig, UpstreamConfig
+from .errors import RequestRejected
+
+__all__ = [
+    "MAX_ROUTE_LABELS",
+    "RouteTemplates",
+    "Router",
+    "Target",
+    "prefix_matches",
+    "split_target",
+]
+
+MAX_ROUTE_LABELS: Final = 500
+_MAX_TEMPLATE_DEPTH: Final = 8
+_WORD: Final = re.compile(r"[a-z][a-z_]{0,39}|v[0-9]{1,2}")
+_DOT_SEGMENT: Final = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+_BAD_CHARS: Final = re.compile(r"[\x00-\x20\x7f#]")
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    upstream: UpstreamConfig
+    credential: str | None
+    path: str  # as sent upstream and signed, percent-encoding untouched
+    query: str  # raw, without '?'
+    route: str  # bounded label for metrics: a route template
+
+
+def split_target(raw: str) -> tuple[str, str]:
+    """Split a raw origin-form target into (path, query), refusing paths that are not what they seem."""
+    path, _, query = raw.partition("?")
+    if not path.startswith("/"):
+        raise RequestRejected(
+            f"request target must start with '/', got {path[:64]!r}", code="bad_path"
+        )
+    if _BAD_CHARS.search(raw):
+        raise RequestRejected(
+            "request target contains control characters, spaces or '#'", code="bad_path"
+        )
+    if _DOT_SEGMENT.search(path):
+        raise RequestRejected(
+            "paths with '.' or '..' segments are refused: the upstream could resolve them to a "
+            "different path than the one signed",
+            code="bad_path",
+        )
+    return path, query
+
+
+def prefix_matches(prefix: str, path: str) -> bool:
+    """Segment-aware prefix match: '/ws' matches '/ws' and '/ws/x' but not '/wsx'; '/' matches all."""
+    if not path.startswith(prefix):
+        return False
+    return prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] == "/"
+
+
+class RouteTemplates:
+    """Turns raw paths into bounded metric labels.
+
+    A segment stays only if it reads like a fixed API word (``accounts``, ``best_bid_ask``, ``v3``);
+    anything else (ids, UUIDs, product ids, numbers) becomes ``{id}``. Depth is capped, and so is
+    the number of distinct templates: past the cap, new shapes share one ``{other}`` label per
+    route, so random paths cannot grow the series count without bound.
+    """
+
+    def __init__(self, limit: int = MAX_ROUTE_LABELS):
+        self._limit = limit
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, route_prefix: str, path: str) -> str:
+        segments = path.split("/")[1 : _MAX_TEMPLATE_DEPTH + 1]
+        shaped = "/" + "/".join(s if _WORD.fullmatch(s) else "{id}" for s in segments)
+        if len(path.split("/")) > _MAX_TEMPLATE_DEPTH + 1:
+            shaped += "/…"
+        known = self._seen.get(shaped)
+        if known is not None:
+            return known
+        if len(self._seen) >= self._limit:
+            return f"{route_prefix}{{other}}"
+        self._seen[shaped] = shaped
+        return shaped
+
+
+class Router:
+    """Compiled once from the config; answers Target or raises RequestRejected."""
+
+    def __init__(self, config: Config):
+        self.upstreams: Mapping[str, UpstreamConfig] = config.upstreams
+        self.routes: tuple[RouteConfig, ...] = config.routes
+        self.templates = RouteTemplates()
+
+    def resolve(self, raw_target: str) -> Target:
+        """Route a request target as it appeared on the request line."""
+        if raw_target.startswith("/"):
+            return self.resolve_origin(raw_target)
+        try:
+            url = URL(raw_target, encoded=True)
+        except ValueError:
+            raise RequestRejected("request target is not a valid URL", code="bad_path") from None
+        if not url.is_absolute():
+            raise RequestRejected(
+                f"request target must be a path or an absolute http:// URL, got {raw_target[:64]!r}",
+                code="bad_path",
+            )
+        return self.resolve_absolute(url, raw_target)
+
+    def resolve_origin(self, raw_target: str) -> Target:
+        path, query = split_target(raw_target)
+        for route in self.routes:
+            if prefix_matches(route.prefix, path):
+                upstream = self.upstreams[route.upstream]
+                sent = path
+                if route.strip_prefix:
+                    sent = "/" + path[len(route.prefix) :].lstrip("/")
+                credential = route.credential or upstream.credential
+                return Target(upstream, credential, sent, query, self.templates(route.prefix, sent))
+        raise RequestRejected(
+            f"no route matches {path[:200]!r}; add a routes: entry, or send an absolute URL "
+            "through the proxy (curl -x)",
+            code="no_route",
+            status=404,
+        )
+
+    def resolve_absolute(self, url: URL, raw_target: str) -> Target:
+        host = (url.raw_host or "").lower().rstrip(".")
+        upstream = self.upstreams.get(host)
+        if upstream is None:
+            raise RequestRejected(
+                f"host {host[:255]!r} is not a configured upstream; this proxy only reaches "
+                f"{', '.join(sorted(self.upstreams))}",
+                code="host_not_allowed",
+                status=403,
+            )
+        scheme = url.scheme.lower()
+        if scheme not in _DEFAULT_PORTS:
+            raise RequestRejected(
+                f"scheme {scheme!r} is not proxied", code="host_not_allowed", status=403
+            )
+        if url.explicit_port is not None and url.explicit_port != _DEFAULT_PORTS[scheme]:
+            raise RequestRejected(
+                f"port {url.explicit_port} is not allowed for {host}: the upstream is always reached at "
+                "its configured address",
+                code="host_not_allowed",
+                status=403,
+            )
+        # The raw target is "scheme://authority/path?query": keep the path exactly as written.
+        after_scheme = raw_target.split("://", 1)[1] if "://" in raw_target else ""
+        slash = after_scheme.find("/")
+        origin_form = after_scheme[slash:] if slash >= 0 else "/"
+        if "?" in after_scheme and (slash < 0 or after_scheme.find("?") < slash):
+            origin_form = "/" + after_scheme[after_scheme.find("?") :]
+        path, query = split_target(origin_form)
+        return Target(upstream, upstream.credential, path, query, self.templates(f"{host}/", path))

@@ -1,0 +1,146 @@
+"""Request signers: one small class per Coinbase auth scheme. No I/O, no aiohttp.
+
+Each signer is built once from parsed key objects (credentials.py does the parsing) and then
+called per request. ``requires_body`` tells the relay whether it must read the request body
+before signing (HMAC covers the body) or may stream it (JWT does not).
+
+The rules implemented here are pinned down in COINBASE_AUTH.md §1 (CDP JWT) and §3 (HMAC).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable
+from typing import ClassVar, Final, Protocol
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm
+
+__all__ = [
+    "JWT_LIFETIME",
+    "CdpJwtSigner",
+    "Clock",
+    "HmacSigner",
+    "PrivateKey",
+    "Signer",
+    "hmac_request_path",
+    "jwt_uri",
+]
+
+Clock = Callable[[], float]
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+JWT_LIFETIME: Final = 120  # seconds; Coinbase rejects longer-lived tokens
+_ISSUER: Final = "cdp"
+
+
+class Signer(Protocol):
+    """What the relay needs from a signer."""
+
+    requires_body: ClassVar[bool]
+    scheme: str  # "ES256", "EdDSA" or "HMAC": used in metrics and `check` output
+
+    def sign(
+        self, method: str, host: str, path: str, query: str, body: bytes | None
+    ) -> dict[str, str]:
+        """Return the headers that authenticate this request."""
+        ...
+
+
+def jwt_uri(method: str, host: str, path: str) -> str:
+    """The JWT ``uri`` claim: method, host and path; no scheme, port or query (COINBASE_AUTH.md §1)."""
+    return f"{method.upper()} {host}{path}"
+
+
+def _b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+class CdpJwtSigner:
+    """CDP API key → a fresh 120 s JWT per request, ES256 for P-256 keys, EdDSA for Ed25519 keys.
+
+    The header and claims are written as compact JSON by hand around pre-escaped constant parts,
+    then signed with PyJWT's algorithm objects (which turn ECDSA's DER into the JWS r||s form).
+    """
+
+    requires_body: ClassVar[bool] = False
+
+    def __init__(self, key_name: str, private_key: PrivateKey, *, clock: Clock = time.time):
+        if isinstance(private_key, ec.EllipticCurvePrivateKey):
+            if not isinstance(private_key.curve, ec.SECP256R1):
+                raise ValueError("ES256 needs a P-256 key")
+            self.scheme = "ES256"
+            alg = ECAlgorithm(ECAlgorithm.SHA256)
+            self._sign: Callable[[bytes], bytes] = lambda msg: alg.sign(msg, private_key)
+        elif isinstance(private_key, ed25519.Ed25519PrivateKey):
+            self.scheme = "EdDSA"
+            okp = OKPAlgorithm()
+            self._sign = lambda msg: okp.sign(msg, private_key)
+        else:
+            raise TypeError(f"unsupported key type {type(private_key).__name__}")
+        self.key_name = key_name
+        self._clock = clock
+        kid = json.dumps(key_name)
+        # Everything but the nonce is constant: header = prefix + nonce + suffix.
+        self._header_prefix = f'{{"alg":"{self.scheme}","kid":{kid},"nonce":"'
+        self._header_suffix = '","typ":"JWT"}'
+        self._claims_prefix = f'{{"sub":{kid},"iss":"{_ISSUER}","nbf":'
+
+    def token(self, uri: str | None) -> str:
+        """A signed JWT; ``uri=None`` gives the WebSocket form, which has no ``uri`` claim."""
+        now = int(self._clock())
+        header = f"{self._header_prefix}{secrets.token_hex()}{self._header_suffix}"
+        claims = f'{self._claims_prefix}{now},"exp":{now + JWT_LIFETIME}'
+        claims += "}" if uri is None else f',"uri":{json.dumps(uri)}}}'
+        signing_input = _b64url(header.encode()) + b"." + _b64url(claims.encode())
+        return (signing_input + b"." + _b64url(self._sign(signing_input))).decode()
+
+    def sign(
+        self, method: str, host: str, path: str, query: str, body: bytes | None
+    ) -> dict[str, str]:
+        # The query never enters the uri: a query in `uri` is a classic 401 cause.
+        return {"Authorization": f"Bearer {self.token(jwt_uri(method, host, path))}"}
+
+
+def hmac_request_path(path: str, query: str) -> str:
+    """The requestPath HMAC signs.
+
+    Advanced Trade (``/api/v3/...``) signs the path without the query; Sign in with Coinbase v2
+    (``/v2/...``) signs it with ``?query`` (COINBASE_AUTH.md §3). Other paths follow v2, the
+    general Coinbase rule.
+    """
+    if path.startswith("/api/v3/") or not query:
+        return path
+    return f"{path}?{query}"
+
+
+class HmacSigner:
+    """Legacy API key: CB-ACCESS-KEY / -TIMESTAMP / -SIGN over timestamp+METHOD+requestPath+body."""
+
+    requires_body: ClassVar[bool] = True
+    scheme = "HMAC"
+
+    def __init__(self, api_key: str, api_secret: str, *, clock: Clock = time.time):
+        self.api_key = api_key
+        # The secret string's UTF-8 bytes are the HMAC key; it is not base64-decoded.
+        self._mac = hmac.new(api_secret.encode(), digestmod=hashlib.sha256)
+        self._clock = clock
+
+    def sign(
+        self, method: str, host: str, path: str, query: str, body: bytes | None
+    ) -> dict[str, str]:
+        timestamp = str(int(self._clock()))
+        mac = self._mac.copy()
+        mac.update(f"{timestamp}{method.upper()}{hmac_request_path(path, query)}".encode())
+        if body:
+            mac.update(body)
+        return {
+            "CB-ACCESS-KEY": self.api_key,
+            "CB-ACCESS-TIMESTAMP": timestamp,
+            "CB-ACCESS-SIGN": mac.hexdigest(),
+        }

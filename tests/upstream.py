@@ -1,0 +1,238 @@
+"""A stand-in for Coinbase: an aiohttp server over real TLS that verifies every request.
+
+It checks what Coinbase checks (COINBASE_AUTH.md): the JWT signature with the *public* key named
+by ``kid``, ``sub``/``iss``/``nbf``/``exp``, the ``uri`` against the method + Host + path it actually
+received, nonces never reused; or the HMAC recomputed from the bytes it received. Anything else
+gets a 401, so a functional test passes only if the proxy signed exactly what it sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import hmac
+import json
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+import trustme
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+
+class Unauthorized(Exception):
+    pass
+
+
+@dataclass
+class Received:
+    method: str
+    host: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    auth: str  # "jwt", "hmac" or "none"
+    claims: dict[str, Any] = field(default_factory=dict)
+    jwt_header: dict[str, Any] = field(default_factory=dict)
+    token: str | None = None
+
+
+class VerifyingUpstream:
+    def __init__(
+        self,
+        ca: trustme.CA,
+        *,
+        keys: dict[str, PublicKey] | None = None,
+        hmac_secrets: dict[str, str] | None = None,
+        anonymous_hosts: frozenset[str] = frozenset(),
+    ):
+        self.ca = ca
+        self.keys = keys or {}
+        self.hmac_secrets = hmac_secrets or {}
+        self.anonymous_hosts = anonymous_hosts
+        self.seen_nonces: set[str] = set()
+        self.received: list[Received] = []
+        self.rejections: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        cert = self.ca.issue_cert("127.0.0.1", "localhost")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(context)
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- verification, the way Coinbase does it -------------------------------------------
+
+    def _verify_jwt(self, request: web.Request, token: str, path: str) -> Received:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"malformed token: {exc}") from None
+        kid = header.get("kid")
+        public = self.keys.get(kid) if isinstance(kid, str) else None
+        if public is None:
+            raise Unauthorized(f"unknown kid {kid!r}")
+        expected_alg = "ES256" if isinstance(public, ec.EllipticCurvePublicKey) else "EdDSA"
+        if header.get("alg") != expected_alg or header.get("typ") != "JWT":
+            raise Unauthorized(f"bad header {header}")
+        try:
+            claims = jwt.decode(
+                token,
+                public,
+                algorithms=[expected_alg],
+                options={"require": ["sub", "iss", "nbf", "exp", "uri"], "verify_aud": False},
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"signature/claims rejected: {exc}") from None
+        if claims["sub"] != kid or claims["iss"] != "cdp" or "aud" in claims:
+            raise Unauthorized(f"bad sub/iss/aud: {claims}")
+        if claims["exp"] - claims["nbf"] != 120 or abs(claims["nbf"] - time.time()) > 5:
+            raise Unauthorized(f"bad lifetime: {claims}")
+        host = request.headers.get("Host", "")
+        if ":" in host:
+            raise Unauthorized(f"Host header carries a port: {host}")
+        expected_uri = f"{request.method} {host}{path}"
+        if claims["uri"] != expected_uri:
+            raise Unauthorized(f"uri {claims['uri']!r} != {expected_uri!r}")
+        nonce = header.get("nonce")
+        if not isinstance(nonce, str) or len(nonce) < 16 or nonce in self.seen_nonces:
+            raise Unauthorized(f"nonce missing or reused: {nonce!r}")
+        self.seen_nonces.add(nonce)
+        return Received(request.method, host, path, "", {}, "jwt", claims, header, token)
+
+    def _verify_hmac(self, request: web.Request, path: str, query: str, body: bytes) -> Received:
+        key = request.headers["CB-ACCESS-KEY"]
+        secret = self.hmac_secrets.get(key)
+        if secret is None:
+            raise Unauthorized(f"unknown api key {key!r}")
+        timestamp = request.headers.get("CB-ACCESS-TIMESTAMP", "")
+        if not timestamp.isdigit() or abs(int(timestamp) - time.time()) > 30:
+            raise Unauthorized("timestamp missing or outside ±30 s")
+        request_path = path if path.startswith("/api/v3/") or not query else f"{path}?{query}"
+        message = f"{timestamp}{request.method}{request_path}".encode() + body
+        expected = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, request.headers.get("CB-ACCESS-SIGN", "")):
+            raise Unauthorized("HMAC mismatch")
+        return Received(request.method, request.headers.get("Host", ""), path, query, {}, "hmac")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path, _, query = request.raw_path.partition("?")
+        host = request.headers.get("Host", "")
+        auth = request.headers.get("Authorization", "")
+        body = b""
+        streaming = path.startswith("/stream/")
+        try:
+            if auth.startswith("Bearer "):
+                rec = self._verify_jwt(request, auth[7:], path)
+            elif "CB-ACCESS-KEY" in request.headers:
+                body = await request.read()
+                rec = self._verify_hmac(request, path, query, body)
+            elif host in self.anonymous_hosts:
+                rec = Received(request.method, host, path, query, {}, "none")
+            else:
+                raise Unauthorized("no credentials")
+        except Unauthorized as exc:
+            self.rejections.append(str(exc))
+            return web.json_response({"error": "unauthorized", "reason": str(exc)}, status=401)
+        rec.query = query
+        rec.headers = {k.lower(): v for k, v in request.headers.items()}
+        self.received.append(rec)
+        if streaming:
+            return await self._stream(request, path, query)
+        if not body and request.body_exists:
+            body = await request.read()
+        return await self._special(request, path, query, rec, body)
+
+    # --- behaviours the tests ask for by path ----------------------------------------------
+
+    async def _stream(self, request: web.Request, path: str, query: str) -> web.StreamResponse:
+        params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+        if path == "/stream/download":
+            size = int(params["size"])
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            response.content_length = size
+            await response.prepare(request)
+            block = bytes(range(256)) * 256  # 64 KiB
+            left = size
+            while left:
+                chunk = block[: min(left, len(block))]
+                await response.write(chunk)
+                left -= len(chunk)
+            await response.write_eof()
+            return response
+        digest = hashlib.sha256()
+        count = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            count += len(chunk)
+        return web.json_response({"received": count, "sha256": digest.hexdigest()})
+
+    async def _special(
+        self, request: web.Request, path: str, query: str, rec: Received, body: bytes
+    ) -> web.StreamResponse:
+        if path == "/redirect":
+            return web.Response(status=302, headers={"Location": "https://elsewhere.example/next"})
+        if path.startswith("/status/"):
+            code = int(path.rsplit("/", 1)[1])
+            return web.json_response({"status": code, "message": "from upstream"}, status=code)
+        if path == "/slow":
+            await asyncio.sleep(float(query.split("=", 1)[1]) if "=" in query else 5)
+        if path == "/gzip":
+            return web.Response(
+                body=gzip.compress(b'{"compressed": true}'),
+                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+            )
+        if path == "/chunked":
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/plain", "X-Upstream": "yes"}
+            )
+            await response.prepare(request)
+            for i in range(5):
+                await response.write(f"part{i};".encode())
+            await response.write_eof()
+            return response
+        if path == "/reset-mid":
+            response = web.StreamResponse(headers={"Content-Length": "100000"})
+            await response.prepare(request)
+            await response.write(b"x" * 1000)
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        return web.Response(
+            text=json.dumps(
+                {
+                    "method": rec.method,
+                    "host": rec.host,
+                    "path": path,
+                    "query": query,
+                    "auth": rec.auth,
+                    "claims": rec.claims,
+                    "body_len": len(body),
+                    "body_sha256": hashlib.sha256(body).hexdigest(),
+                    "headers": rec.headers,
+                }
+            ),
+            content_type="application/json",
+            headers={"Set-Cookie": "__cf_bm=upstream-cookie; Path=/", "X-Upstream": "yes"},
+        )
