@@ -4,8 +4,14 @@
   CONNECT and absolute-form targets reach it too (aiohttp's router only knows origin-form paths);
 - admin listener (``admin_listen``): /healthz, /readyz, /metrics.
 
-``ProxyServer`` starts both and stops them gracefully: readiness turns 503 at once, the listener
-stops accepting, in-flight requests get up to ``drain_timeout`` to finish, then everything closes.
+``ProxyServer`` starts both and stops them gracefully (aiohttp's documented order): readiness
+turns 503 at once; the listener keeps accepting for ``min_drain`` seconds (for load balancers
+still routing here); then it stops accepting, in-flight requests get up to ``drain_timeout`` to
+finish, on_shutdown hooks close WebSockets, and everything is cleaned up.
+
+With ``--workers N`` each worker process runs one ProxyServer with ``reuse_port`` (the kernel
+spreads connections over them) and serves metrics aggregated over all workers from
+prometheus-client's multiprocess directory (workers.py supervises them).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +29,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import Config
 from .credentials import CredentialStore, read_secret
@@ -87,9 +95,9 @@ def build_proxy_app(state: ProxyState) -> web.Application:
     return app
 
 
-def build_admin_app(state: ProxyState) -> web.Application:
+def build_admin_app(state: ProxyState, exposition: CollectorRegistry) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
-        return _json({"status": "ok"})
+        return _json({"status": "ok", "pid": os.getpid()})
 
     async def readyz(_: web.Request) -> web.Response:
         ready, body = state.readiness()
@@ -99,7 +107,7 @@ def build_admin_app(state: ProxyState) -> web.Application:
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(state.metrics.registry))
+    app.router.add_get("/metrics", make_aiohttp_handler(exposition))
     return app
 
 
@@ -112,11 +120,18 @@ class ProxyServer:
         *,
         registry: CollectorRegistry | None = None,
         clock: Clock | None = None,
+        reuse_port: bool = False,
+        multiprocess_dir: str | None = None,
     ):
         self.config = config
+        self.reuse_port = reuse_port
         credentials = CredentialStore(config.credentials, clock=clock)
         metrics = ProxyMetrics(registry or CollectorRegistry())
         self.state = ProxyState(config, credentials, metrics, Router(config))
+        self.exposition = metrics.registry
+        if multiprocess_dir is not None:  # metrics of every worker, read from their mmap files
+            self.exposition = CollectorRegistry()
+            MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
         self._runners: list[web.AppRunner] = []
 
     @property
@@ -148,7 +163,7 @@ class ProxyServer:
         )
         for app, address in (
             (build_proxy_app(self.state), self.config.listen),
-            (build_admin_app(self.state), self.config.admin_listen),
+            (build_admin_app(self.state, self.exposition), self.config.admin_listen),
         ):
             runner = web.AppRunner(
                 app,
@@ -158,7 +173,10 @@ class ProxyServer:
             )
             await runner.setup()
             self._runners.append(runner)
-            await web.TCPSite(runner, address.host, address.port).start()
+            site = web.TCPSite(
+                runner, address.host, address.port, reuse_port=self.reuse_port or None
+            )
+            await site.start()
         log.info(
             "listening",
             extra={
@@ -171,17 +189,25 @@ class ProxyServer:
         address = self._runners[index].addresses[0]
         return int(address[1])
 
-    async def stop(self) -> None:
-        """Not ready at once; stop accepting; let in-flight requests finish within drain_timeout."""
+    async def stop(self, *, min_drain: float = 0.0) -> None:
+        """Not ready at once; keep accepting for ``min_drain`` s; then stop accepting and let
+        in-flight requests finish within drain_timeout."""
         self.state.draining = True
+        if min_drain > 0 and self._runners:
+            log.info(
+                "draining: not ready, still accepting", extra={"fields": {"min_drain": min_drain}}
+            )
+            await asyncio.sleep(min_drain)
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
 
 
-async def run(config: Config) -> None:
+async def run(
+    config: Config, *, reuse_port: bool = False, multiprocess_dir: str | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return."""
-    server = ProxyServer(config)
+    server = ProxyServer(config, reuse_port=reuse_port, multiprocess_dir=multiprocess_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -191,8 +217,11 @@ async def run(config: Config) -> None:
         await stop.wait()
         log.info(
             "stopping: draining in-flight requests",
-            extra={"fields": {"drain_timeout": config.drain_timeout}},
+            extra={
+                "fields": {"min_drain": config.min_drain, "drain_timeout": config.drain_timeout}
+            },
         )
+        await server.stop(min_drain=config.min_drain)
     finally:
-        await server.stop()
+        await server.stop()  # a no-op after a clean stop; cleans up after a failed start
     log.info("stopped")

@@ -29,6 +29,7 @@ __all__ = [
     "RouteConfig",
     "SecretSource",
     "UpstreamConfig",
+    "env_overrides",
     "load_config",
     "parse_config",
 ]
@@ -117,6 +118,8 @@ class Config:
     listen: ListenAddress
     admin_listen: ListenAddress
     drain_timeout: float
+    min_drain: float
+    workers: int
     credentials: Mapping[str, CredentialConfig]
     upstreams: Mapping[str, UpstreamConfig]
     routes: tuple[RouteConfig, ...]
@@ -127,10 +130,21 @@ class Config:
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by optional features
 
 
-_TOP_KEYS: Final = {
+# Top-level fields that flags and SIGNING_PROXY_<FIELD> env vars may set (flags > env > file).
+OVERRIDABLE: Final = (
     "listen",
     "admin_listen",
     "drain_timeout",
+    "min_drain",
+    "workers",
+    "log_format",
+    "log_level",
+    "max_body_bytes",
+)
+ENV_PREFIX: Final = "SIGNING_PROXY_"
+
+_TOP_KEYS: Final = {
+    *OVERRIDABLE,
     "credentials",
     "upstreams",
     "routes",
@@ -157,13 +171,16 @@ _LOG_LEVELS: Final = {"DEBUG", "INFO", "WARNING", "ERROR"}
 class _Reader:
     """Helpers that know the file name, so every error names file and field."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, origins: Mapping[str, str] | None = None):
         self.path = path
         self.base = path.parent if path else Path.cwd()
+        self.origins = origins or {}
 
     def fail(self, where: str, problem: str) -> ConfigError:
         origin = f"{self.path}: " if self.path else ""
-        return ConfigError(f"{origin}{where}: {problem}")
+        top = where.split(".")[0].split("[")[0]
+        setter = f" (set by {self.origins[top]})" if top in self.origins else ""
+        return ConfigError(f"{origin}{where}{setter}: {problem}")
 
     def mapping(self, value: Any, where: str) -> dict[str, Any]:
         if value is None:
@@ -184,11 +201,13 @@ class _Reader:
             raise self.fail(where, "expected a non-empty string")
         return value.strip()
 
-    def number(self, value: Any, where: str, *, minimum: float = 0.0) -> float:
+    def number(self, value: Any, where: str, *, allow_zero: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             raise self.fail(where, "expected a number")
-        if value <= minimum:
-            raise self.fail(where, f"must be greater than {minimum:g}")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise self.fail(
+                where, "must not be negative" if allow_zero else "must be greater than 0"
+            )
         return float(value)
 
     def file_path(self, value: Any, where: str) -> Path:
@@ -319,9 +338,31 @@ def _route(
     return RouteConfig(prefix, upstream, credential, strip)
 
 
-def parse_config(raw: Any, path: Path | None = None) -> Config:
-    """Validate an already-loaded YAML document."""
-    r = _Reader(path)
+def _workers(r: _Reader, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise r.fail("workers", "expected a whole number from 1 to 64")
+    return value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    """SIGNING_PROXY_<FIELD> env vars, as {field: (value, "env var NAME")}; values parsed as YAML."""
+    found = {}
+    for name in OVERRIDABLE:
+        var = ENV_PREFIX + name.upper()
+        if environ.get(var, "").strip():
+            try:
+                value = yaml.safe_load(environ[var])
+            except yaml.YAMLError:
+                value = environ[var]
+            found[name] = (value, f"env var {var}")
+    return found
+
+
+def parse_config(
+    raw: Any, path: Path | None = None, origins: Mapping[str, str] | None = None
+) -> Config:
+    """Validate an already-loaded YAML document; ``origins`` names who set overridden fields."""
+    r = _Reader(path, origins)
     data = r.mapping(raw, "top level")
     r.known(data, _TOP_KEYS | _EXTRA_KEYS, "top level")
 
@@ -370,6 +411,8 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
         listen=listen,
         admin_listen=admin,
         drain_timeout=r.number(data.get("drain_timeout", 20), "drain_timeout"),
+        min_drain=r.number(data.get("min_drain", 0), "min_drain", allow_zero=True),
+        workers=_workers(r, data.get("workers", 1)),
         credentials=credentials,
         upstreams=upstreams,
         routes=routes,
@@ -383,8 +426,13 @@ def parse_config(raw: Any, path: Path | None = None) -> Config:
     )
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file; every problem is one ConfigError naming file and field."""
+def load_config(
+    path: str | os.PathLike[str], overrides: Mapping[str, tuple[Any, str]] | None = None
+) -> Config:
+    """Read and validate a config file; every problem is one ConfigError naming file and field.
+
+    ``overrides`` maps top-level fields to (value, who set it), e.g. from flags or env vars.
+    """
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -398,4 +446,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
         raise ConfigError(f"{file}: not valid YAML at {at}") from None
-    return parse_config(raw, file.resolve())
+    if overrides:
+        if raw is None:
+            raw = {}
+        if isinstance(raw, dict):
+            raw = {**raw, **{k: v for k, (v, _) in overrides.items()}}
+    origins = {k: who for k, (_, who) in (overrides or {}).items()}
+    return parse_config(raw, file.resolve(), origins)

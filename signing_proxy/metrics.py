@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import __version__
 
@@ -34,9 +34,11 @@ class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
         ns = "signing_proxy"
-        Info(f"{ns}_build", "signing-proxy version", registry=registry).info(
-            {"version": __version__}
-        )
+        # A gauge rather than an Info: Info does not work in multiprocess (--workers) mode.
+        Gauge(
+            f"{ns}_build_info", "signing-proxy version", ["version"],
+            multiprocess_mode="livemax", registry=registry,
+        ).labels(__version__).set(1)  # fmt: skip
         self.requests = Counter(
             f"{ns}_requests_total",
             "Requests answered, by upstream, method, route template and status class",
@@ -71,8 +73,9 @@ class ProxyMetrics:
             registry=registry,
         )
         self.in_flight = Gauge(
-            f"{ns}_in_flight_requests", "Requests being handled now", registry=registry
-        )
+            f"{ns}_in_flight_requests", "Requests being handled now",
+            multiprocess_mode="livesum", registry=registry,
+        )  # fmt: skip
         self.tokens = Counter(
             f"{ns}_tokens_minted_total",
             "Signatures made (JWTs minted or HMACs computed), by credential and algorithm",
@@ -83,5 +86,6 @@ class ProxyMetrics:
             f"{ns}_credential_loaded",
             "1 when the credential's key is loaded and usable, else 0",
             ["credential"],
+            multiprocess_mode="livemin",  # with --workers: 0 if any worker lacks the key
             registry=registry,
         )

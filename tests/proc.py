@@ -40,13 +40,13 @@ class ProxyProcess:
     def __init__(self, config: Path, *extra: str, env: dict[str, str] | None = None):
         self.config = config
         self.log = config.with_suffix(".log")
-        self._log_file = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "signing_proxy", "serve", "-c", str(config), *extra],
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
+        with self.log.open("wb") as log_file:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "signing_proxy", "serve", "-c", str(config), *extra],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
 
     @property
     def pid(self) -> int:
@@ -73,8 +73,6 @@ class ProxyProcess:
         raise AssertionError(f"not ready within {timeout}s: {self.output()}")
 
     def output(self) -> str:
-        if not self._log_file.closed:
-            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
@@ -85,5 +83,4 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log_file.close()
         return self.proc.returncode
