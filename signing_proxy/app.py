@@ -180,7 +180,11 @@ class ProxyServer:
         log.info(
             "listening",
             extra={
-                "fields": {"proxy": str(self.config.listen), "admin": str(self.config.admin_listen)}
+                "fields": {
+                    "proxy": str(self.config.listen),
+                    "admin": str(self.config.admin_listen),
+                    "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+                }
             },
         )
 

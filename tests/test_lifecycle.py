@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import sys
@@ -221,6 +222,7 @@ async def test_serve_flags_and_env_reach_the_process(
                 await _status(client, f"{base}/api/v3/x")
     finally:
         proxy.stop()
-    assert (
-        " INFO    signing_proxy.access: request " in proxy.output()
-    )  # text format from the env var
+    log = proxy.output()
+    assert " INFO    signing_proxy.access: request " in log  # text format, from the env var
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"  # uvloop when installed
+    assert f"event_loop={loop}" in log
