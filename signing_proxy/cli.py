@@ -6,14 +6,11 @@ Exit codes: 0 fine, 1 a problem with credentials or a request, 2 usage or config
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shlex
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,15 +18,10 @@ from urllib.parse import urlsplit
 
 from . import __version__
 from .config import ENV_PREFIX, Config, env_overrides, load_config
-from .credentials import (
-    CredentialStore,
-    load_key_file,
-    parse_private_key,
-    public_fingerprint,
-    read_secret,
-)
 from .errors import ConfigError, CredentialError
-from .signers import CdpJwtSigner, jwt_uri
+
+# Commands import what they use: the --workers supervisor and `wait` stay small and start fast
+# without the crypto and HTTP stacks.
 
 __all__ = ["main"]
 
@@ -85,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop_timeout = config.min_drain + config.drain_timeout + 5
         return supervise(config.workers, worker_command(argv), stop_timeout)
 
+    import asyncio
+
     from .app import run
     from .workers import MULTIPROC_ENV, WORKER_ENV
 
@@ -105,6 +99,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     """Poll /readyz until it answers 200; for startup ordering (app container after the sidecar)."""
+    import urllib.error
+    import urllib.request
+
     admin = args.admin
     if admin is None:
         if args.config or os.environ.get(f"{ENV_PREFIX}CONFIG"):
@@ -141,6 +138,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .credentials import CredentialStore, read_secret
+
     config = _config(args)
     print(f"config {config.path}: ok")
     print(f"  listen {config.listen}, admin {config.admin_listen}")
@@ -176,6 +175,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_jwt(args: argparse.Namespace) -> int:
+    from .credentials import load_key_file, parse_private_key, public_fingerprint
+    from .signers import CdpJwtSigner, jwt_uri
+
     target = args.url if "://" in args.url else f"https://{args.url}"
     parts = urlsplit(target)
     if not parts.hostname:
