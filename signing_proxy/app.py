@@ -23,7 +23,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -34,6 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from .config import Config
 from .credentials import CredentialStore, read_secret
 from .errors import JSON_CONTENT_TYPE
+from .logs import AccessLog
 from .metrics import ProxyMetrics
 from .proxy import ProxyHandler
 from .relay import Relay, UpstreamEndpoint, create_session
@@ -53,6 +54,7 @@ class ProxyState:
     router: Router
     draining: bool = False
     handler: ProxyHandler | None = None
+    access_log_stream: TextIO | None = None  # None: stderr
     endpoints: dict[str, UpstreamEndpoint] = field(default_factory=dict)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -73,7 +75,13 @@ async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
     session = create_session()
     relay = Relay(session, state.endpoints, state.config.max_body_bytes)
     token = read_secret(state.config.inbound_token) if state.config.inbound_token else None
-    state.handler = ProxyHandler(state.router, state.credentials, relay, state.metrics, token)
+    config = state.config
+    access_log = None
+    if config.access_log and logging.getLevelName(config.log_level) <= logging.INFO:
+        access_log = AccessLog(config.log_format, state.access_log_stream)
+    state.handler = ProxyHandler(
+        state.router, state.credentials, relay, state.metrics, token, access_log
+    )
     try:
         yield
     finally:
@@ -122,12 +130,14 @@ class ProxyServer:
         clock: Clock | None = None,
         reuse_port: bool = False,
         multiprocess_dir: str | None = None,
+        access_log_stream: TextIO | None = None,
     ):
         self.config = config
         self.reuse_port = reuse_port
         credentials = CredentialStore(config.credentials, clock=clock)
         metrics = ProxyMetrics(registry or CollectorRegistry())
         self.state = ProxyState(config, credentials, metrics, Router(config))
+        self.state.access_log_stream = access_log_stream
         self.exposition = metrics.registry
         if multiprocess_dir is not None:  # metrics of every worker, read from their mmap files
             self.exposition = CollectorRegistry()

@@ -127,6 +127,7 @@ class Config:
     inbound_token: SecretSource | None = None
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
+    access_log: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by optional features
 
 
@@ -139,6 +140,7 @@ OVERRIDABLE: Final = (
     "workers",
     "log_format",
     "log_level",
+    "access_log",
     "max_body_bytes",
 )
 ENV_PREFIX: Final = "SIGNING_PROXY_"
@@ -402,6 +404,9 @@ def parse_config(
     log_format = data.get("log_format", "json")
     if log_format not in ("json", "text"):
         raise r.fail("log_format", "expected 'json' or 'text'")
+    access_log = data.get("access_log", True)
+    if not isinstance(access_log, bool):
+        raise r.fail("access_log", "expected true or false")
     log_level = str(data.get("log_level", "INFO")).upper()
     if log_level not in _LOG_LEVELS:
         raise r.fail("log_level", f"expected one of {', '.join(sorted(_LOG_LEVELS))}")
@@ -422,6 +427,7 @@ def parse_config(
         inbound_token=inbound_token,
         log_format=log_format,
         log_level=log_level,
+        access_log=access_log,
         extra={k: data[k] for k in _EXTRA_KEYS if k in data},
     )
 

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 MAX_ROUTE_LABELS: Final = 500
+_PATH_CACHE: Final = 4096
 _MAX_TEMPLATE_DEPTH: Final = 8
 _WORD: Final = re.compile(r"[a-z][a-z_]{0,39}|v[0-9]{1,2}")
 _DOT_SEGMENT: Final = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
@@ -87,8 +88,18 @@ class RouteTemplates:
     def __init__(self, limit: int = MAX_ROUTE_LABELS):
         self._limit = limit
         self._seen: dict[str, str] = {}
+        self._by_path: dict[tuple[str, str], str] = {}  # most paths repeat: skip the regexes
 
     def __call__(self, route_prefix: str, path: str) -> str:
+        key = (route_prefix, path)
+        label = self._by_path.get(key)
+        if label is None:
+            if len(self._by_path) >= _PATH_CACHE:
+                self._by_path.clear()
+            label = self._by_path[key] = self._template(route_prefix, path)
+        return label
+
+    def _template(self, route_prefix: str, path: str) -> str:
         segments = path.split("/")[1 : _MAX_TEMPLATE_DEPTH + 1]
         shaped = "/" + "/".join(s if _WORD.fullmatch(s) else "{id}" for s in segments)
         if len(path.split("/")) > _MAX_TEMPLATE_DEPTH + 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import io
 import json
 import logging
 import socket
@@ -19,7 +20,7 @@ from yarl import URL
 
 from signing_proxy.app import ProxyServer
 
-from .conftest import EC_KEY_NAME, ED_KEY_NAME, HMAC_SECRET, MakeProxy, ec_pem
+from .conftest import EC_KEY_NAME, ED_KEY_NAME, HMAC_SECRET, PUBLIC_HOST, MakeProxy, ec_pem
 from .upstream import VerifyingUpstream
 
 IDENTITY = {"Accept-Encoding": "identity"}
@@ -502,10 +503,14 @@ async def test_metrics_exposition(proxy: ProxyServer, client: aiohttp.ClientSess
 
 
 async def test_access_log_line_per_request_and_no_secrets_anywhere(
-    proxy: ProxyServer, client: aiohttp.ClientSession, upstream: VerifyingUpstream,
-    caplog: pytest.LogCaptureFixture, ec_key_file: Path,
+    make_proxy: MakeProxy, config_dict: dict[str, Any], client: aiohttp.ClientSession,
+    upstream: VerifyingUpstream, caplog: pytest.LogCaptureFixture, ec_key_file: Path,
 ) -> None:  # fmt: skip
     caplog.set_level(logging.DEBUG)
+    stream = io.StringIO()
+    config_dict["credentials"]["broken"] = {"key_name": "k", "private_key": "not a key"}
+    config_dict["upstreams"][PUBLIC_HOST]["credential"] = "broken"
+    proxy = await make_proxy(config_dict, access_log_stream=stream)
     bodies: list[bytes] = []
     for method, url, kw in [
         ("GET", f"{base(proxy)}/api/v3/brokerage/accounts", {}),
@@ -513,15 +518,20 @@ async def test_access_log_line_per_request_and_no_secrets_anywhere(
         ("GET", f"{base(proxy)}/onramp/v1/token", {}),
         ("GET", f"{base(proxy)}/status/401", {}),
         ("GET", "http://evil.example/", {"proxy": base(proxy)}),
+        ("GET", f"{base(proxy)}/public/x", {}),  # credential that failed to load
         ("GET", f"{base(proxy)}/slow?seconds=0", {}),
     ]:
         _, _, _, raw = await fetch(client, method, url, **kw)
         bodies.append(raw)
     _, _, _, metrics = await fetch(client, "GET", f"{admin(proxy)}/metrics", headers=IDENTITY)
-    access = [r for r in caplog.records if r.name == "signing_proxy.access"]
-    assert len(access) == 6
-    fields = access[0].fields  # type: ignore[attr-defined]
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 7
+    first = lines[0]
     assert {
+        "ts",
+        "level",
+        "logger",
+        "msg",
         "request_id",
         "upstream",
         "route",
@@ -529,17 +539,21 @@ async def test_access_log_line_per_request_and_no_secrets_anywhere(
         "duration_ms",
         "upstream_ms",
         "sign_ms",
-    } <= set(fields)
-    assert fields["status"] == 200 and fields["upstream"] == "api.coinbase.com"
-    # nothing secret anywhere: logs (messages and structured fields), error bodies, metrics
-    logged = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    } <= set(first)
+    assert first["logger"] == "signing_proxy.access" and first["msg"] == "request"
+    assert first["status"] == 200 and first["upstream"] == "api.coinbase.com"
+    assert [line["status"] for line in lines] == [200, 200, 200, 401, 403, 503, 200]
+    # nothing secret anywhere: access log, other logs (messages and fields), error bodies, metrics
+    logged = stream.getvalue() + "\n".join(
+        f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records
+    )
     pem_body = json.loads(ec_key_file.read_text())["privateKey"].splitlines()[1]
     tokens = [r.token for r in upstream.received if r.token]
     assert tokens
-    for secret in [pem_body, HMAC_SECRET, *tokens, *(t.split(".")[2] for t in tokens)]:
+    for secret in [pem_body, HMAC_SECRET, "not a key", *tokens, *(t.split(".")[2] for t in tokens)]:
         assert secret not in logged
         assert secret.encode() not in metrics
-        for body in bodies[3:5]:  # the upstream's 401 and the proxy's own 403
+        for body in bodies[3:6]:  # the upstream's 401 and the proxy's own 403 and 503
             assert secret.encode() not in body
 
 
