@@ -67,7 +67,7 @@ class ProxyHandler:
         self.metrics = metrics
         self._token = inbound_token.encode() if inbound_token else None
 
-    def _check_inbound_auth(self, request: web.Request) -> None:
+    def _check_inbound_auth(self, request: web.BaseRequest) -> None:
         if self._token is None:
             return
         offered = request.headers.get(TOKEN_HEADER, "")
@@ -82,7 +82,7 @@ class ProxyHandler:
                 status=407,
             )
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         offered_id = request.headers.get("X-Request-Id", "")
         request_id = offered_id if _REQUEST_ID.fullmatch(offered_id) else secrets.token_hex(8)
@@ -136,7 +136,7 @@ class ProxyHandler:
 
     def _account(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         request_id: str,
         target: Target | None,
         credential: str | None,

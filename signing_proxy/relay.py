@@ -38,7 +38,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CHUNK: Final = 64 * 1024
+_SMALL_BODY: Final = 64 * 1024  # responses up to this size are sent in one write
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the proxy's own inbound credentials.
 HOP_BY_HOP: Final = frozenset(
     {
@@ -175,12 +175,12 @@ def create_session() -> aiohttp.ClientSession:
     )
 
 
-async def _stream_body(request: web.Request) -> AsyncIterator[bytes]:
+async def _stream_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
     while chunk := await request.content.readany():
         yield chunk
 
 
-async def read_capped_body(request: web.Request, cap: int) -> bytes:
+async def read_capped_body(request: web.BaseRequest, cap: int) -> bytes:
     """The whole request body, refused with 413 above ``cap`` bytes (read no further than that)."""
     declared = request.content_length
     if declared is not None and declared > cap:
@@ -214,7 +214,7 @@ class Relay:
         self.max_body_bytes = max_body_bytes
 
     async def forward(
-        self, request: web.Request, target: Target, signer: Signer | None, ex: Exchange
+        self, request: web.BaseRequest, target: Target, signer: Signer | None, ex: Exchange
     ) -> web.StreamResponse:
         endpoint = self.endpoints[target.upstream.name]
         host = target.upstream.name
@@ -257,10 +257,25 @@ class Relay:
 
         out_headers = filter_response_headers(upstream.headers)
         out_headers["X-Request-Id"] = ex.request_id
+        ex.status = upstream.status
+        size = upstream.content_length
+        if size is not None and size <= _SMALL_BODY and method != "HEAD":
+            # Small, declared-length answers (most API calls): read it and send headers and body
+            # in one write, instead of prepare/write/write_eof. Memory stays bounded by _SMALL_BODY.
+            try:
+                body_bytes = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+                upstream.close()
+                raise translate_client_error(exc, host, timeout) from None
+            upstream.release()
+            ex.bytes_out = len(body_bytes)
+            return web.Response(
+                status=upstream.status, reason=upstream.reason, headers=out_headers, body=body_bytes
+            )
+
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=out_headers
         )
-        ex.status = upstream.status
         try:
             await response.prepare(request)
             try:
@@ -288,7 +303,7 @@ class Relay:
                 upstream.release()
 
 
-def _abort(request: web.Request) -> None:
+def _abort(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()

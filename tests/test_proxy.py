@@ -410,6 +410,17 @@ async def test_upstream_untrusted_certificate_is_502(
     assert status == 502 and data is not None and data["error"] == "upstream_tls_error"
 
 
+async def test_upstream_breaking_small_response_is_a_clean_502(
+    proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    """Small declared bodies are read before answering, so a short body is still a JSON error."""
+    status, data, _, _ = await fetch(client, "GET", f"{base(proxy)}/reset-small")
+    assert status == 502 and data is not None
+    assert data["error"] in {"upstream_bad_response", "upstream_connection_reset"}
+    status, _, _, _ = await fetch(client, "GET", f"{base(proxy)}/api/v3/x")
+    assert status == 200
+
+
 async def test_upstream_breaking_mid_response_closes_client_connection(
     proxy: ProxyServer, client: aiohttp.ClientSession
 ) -> None:

@@ -212,8 +212,9 @@ class VerifyingUpstream:
                 await response.write(f"part{i};".encode())
             await response.write_eof()
             return response
-        if path == "/reset-mid":
-            response = web.StreamResponse(headers={"Content-Length": "100000"})
+        if path in ("/reset-mid", "/reset-small"):  # the body stops short of its Content-Length
+            size = "100000" if path == "/reset-mid" else "5000"
+            response = web.StreamResponse(headers={"Content-Length": size})
             await response.prepare(request)
             await response.write(b"x" * 1000)
             assert request.transport is not None
