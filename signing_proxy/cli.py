@@ -46,6 +46,7 @@ _FLAG_FIELDS = {  # serve flags that override config fields (flags > env > file)
     "workers": "workers",
     "log_format": "log_format",
     "log_level": "log_level",
+    "event_loop": "event_loop",
 }
 
 
@@ -88,12 +89,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reuse_port=worker,
         multiprocess_dir=os.environ.get(MULTIPROC_ENV) if worker else None,
     )
-    try:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        asyncio.run(coro)
-    else:  # optional extra: a faster event loop
-        uvloop.run(coro)
+    if config.event_loop != "asyncio":
+        try:
+            import uvloop  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            if config.event_loop == "uvloop":
+                coro.close()
+                raise ConfigError(
+                    "event_loop: uvloop is not installed (pip install 'signing-proxy[uvloop]')"
+                ) from None
+        else:  # the optional extra: a faster event loop
+            uvloop.run(coro)
+            return 0
+    asyncio.run(coro)
     return 0
 
 
@@ -248,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-format", choices=["json", "text"], help="log format (default json)")
     p.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--event-loop", choices=["auto", "asyncio", "uvloop"],
+        help="auto (default): uvloop when installed, else asyncio",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

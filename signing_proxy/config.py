@@ -128,6 +128,7 @@ class Config:
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
     access_log: bool = True
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by optional features
 
 
@@ -141,6 +142,7 @@ OVERRIDABLE: Final = (
     "log_format",
     "log_level",
     "access_log",
+    "event_loop",
     "max_body_bytes",
 )
 ENV_PREFIX: Final = "SIGNING_PROXY_"
@@ -404,6 +406,9 @@ def parse_config(
     log_format = data.get("log_format", "json")
     if log_format not in ("json", "text"):
         raise r.fail("log_format", "expected 'json' or 'text'")
+    event_loop = data.get("event_loop", "auto")
+    if event_loop not in ("auto", "asyncio", "uvloop"):
+        raise r.fail("event_loop", "expected auto (uvloop when installed), asyncio or uvloop")
     access_log = data.get("access_log", True)
     if not isinstance(access_log, bool):
         raise r.fail("access_log", "expected true or false")
@@ -428,6 +433,7 @@ def parse_config(
         log_format=log_format,
         log_level=log_level,
         access_log=access_log,
+        event_loop=event_loop,
         extra={k: data[k] for k in _EXTRA_KEYS if k in data},
     )
 
