@@ -174,6 +174,8 @@ class ProxyServer:
     async def stop(self) -> None:
         """Not ready at once; stop accepting; let in-flight requests finish within drain_timeout."""
         self.state.draining = True
+        if self.state.handler is not None:  # open WebSockets would hold the drain: 1001 them now
+            await self.state.handler.websockets.close_all()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

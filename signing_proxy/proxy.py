@@ -23,6 +23,7 @@ from .logs import ACCESS_LOGGER
 from .metrics import ProxyMetrics, method_label, status_class
 from .relay import Exchange, Relay
 from .routing import Router, Target
+from .websocket import WebSocketRelay, is_websocket_upgrade
 
 __all__ = ["ProxyHandler", "error_response"]
 
@@ -64,6 +65,7 @@ class ProxyHandler:
         self.credentials = credentials
         self.relay = relay
         self.metrics = metrics
+        self.websockets = WebSocketRelay(relay.session, relay.endpoints, credentials, metrics)
         self._token = inbound_token.encode() if inbound_token else None
 
     def _check_inbound_auth(self, request: web.Request) -> None:
@@ -102,10 +104,14 @@ class ProxyHandler:
             target = self.router.resolve(request.raw_path)
             credential = target.credential
             signer = self.credentials.signer(credential) if credential else None
-            response = await self.relay.forward(request, target, signer, ex)
-            if signer is not None:
-                self.metrics.tokens.labels(credential, signer.scheme).inc()
-                self.metrics.signing_duration.labels(signer.scheme).observe(ex.sign_seconds)
+            if is_websocket_upgrade(request):
+                # The handshake is not signed: the relay puts JWTs in subscribe messages.
+                response = await self.websockets.relay(request, target, signer, ex)
+            else:
+                response = await self.relay.forward(request, target, signer, ex)
+                if signer is not None:
+                    self.metrics.tokens.labels(credential, signer.scheme).inc()
+                    self.metrics.signing_duration.labels(signer.scheme).observe(ex.sign_seconds)
             if target is not None:
                 self.metrics.upstream_duration.labels(target.upstream.name).observe(
                     ex.upstream_seconds
