@@ -1,4 +1,4 @@
-"""The ``signing-proxy`` command: serve, check, jwt (see CONTRACT.md).
+"""The ``signing-proxy`` command: serve, check, jwt, onramp-url (see CONTRACT.md).
 
 Exit codes: 0 fine, 1 a problem with credentials or a request, 2 usage or config error.
 """
@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import shlex
 import sys
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__
 from .config import Config, load_config
 from .credentials import CredentialStore, load_key_file, parse_private_key, public_fingerprint
-from .errors import ConfigError, CredentialError
+from .errors import ConfigError, CredentialError, ProxyError
 from .signers import CdpJwtSigner, jwt_uri
 
 __all__ = ["main"]
@@ -31,11 +34,44 @@ examples:
   signing-proxy check -c config.yaml
   signing-proxy jwt --key-file cdp_api_key.json GET https://api.coinbase.com/api/v3/brokerage/accounts
   eval $(signing-proxy jwt --export --key-file cdp_api_key.json GET api.coinbase.com/api/v3/brokerage/accounts)
+  signing-proxy onramp-url -c config.yaml --address 0x4315d134aCd3221a02dD380ADE3aF39Ce219037c --blockchains base --assets USDC
 """
 
 
 def _config(path: str) -> Config:
     return load_config(path)
+
+
+def _usage(command: str, problem: str) -> int:
+    print(f"signing-proxy {command}: error: {problem}", file=sys.stderr)
+    return 2
+
+
+def _csv(text: str) -> list[str]:
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. ethereum,base")
+    return items
+
+
+def _amount(text: str) -> str:
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        number = Decimal("NaN")
+    if not number.is_finite() or number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive amount, e.g. 100, got {text!r}")
+    return text
+
+
+def _public_ip(text: str) -> str:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+    if not address.is_global:
+        raise argparse.ArgumentTypeError(f"{text} is not a public address (Coinbase requires one)")
+    return text
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -102,6 +138,41 @@ def cmd_jwt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_onramp_url(args: argparse.Namespace) -> int:
+    from .onramp import build_offramp_url, build_onramp_url, session_token_for_config
+
+    if args.offramp:
+        if not args.partner_user_id or not args.redirect_url:
+            return _usage("onramp-url", "--offramp needs --partner-user-id and --redirect-url")
+        if args.default_payment_method:
+            return _usage("onramp-url", "--default-payment-method is for onramp, not --offramp")
+    elif args.default_cashout_method:
+        return _usage("onramp-url", "--default-cashout-method is for --offramp")
+    config = _config(args.config)
+    token = asyncio.run(
+        session_token_for_config(
+            config,
+            addresses={args.address: args.blockchains},
+            assets=args.assets,
+            client_ip=args.client_ip,
+        )
+    )
+    shown: dict[str, Any] = {
+        "default_network": args.default_network,
+        "default_asset": args.default_asset,
+        "preset_fiat_amount": args.preset_fiat_amount,
+        "fiat_currency": args.fiat_currency,
+        "partner_user_id": args.partner_user_id,
+        "redirect_url": args.redirect_url,
+    }
+    if args.offramp:
+        url = build_offramp_url(token, default_cashout_method=args.default_cashout_method, **shown)
+    else:
+        url = build_onramp_url(token, default_payment_method=args.default_payment_method, **shown)
+    print(url)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="signing-proxy",
@@ -141,6 +212,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", metavar="METHOD", type=str.upper, help="HTTP method, e.g. GET")
     p.add_argument("url", metavar="URL", help="https://host/path?query or host/path")
     p.set_defaults(func=cmd_jwt)
+
+    p = sub.add_parser(
+        "onramp-url",
+        help="print a Coinbase Onramp (or Offramp) URL with a fresh session token",
+        description="Request a session token (POST /onramp/v1/token) through the configured "
+        "api.developer.coinbase.com upstream and its credential, and print the pay.coinbase.com "
+        "URL that starts with it. The token is single-use and expires after 5 minutes.",
+    )
+    p.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    p.add_argument("--address", required=True, help="the wallet address funds go to (or come from)")
+    p.add_argument("--blockchains", required=True, type=_csv, metavar="A,B",
+                   help="networks of that address, e.g. ethereum,base")  # fmt: skip
+    p.add_argument("--assets", required=True, type=_csv, metavar="X,Y",
+                   help="assets offered, e.g. ETH,USDC")  # fmt: skip
+    p.add_argument("--client-ip", type=_public_ip, metavar="IP",
+                   help="the end user's public IP, bound into the token")  # fmt: skip
+    p.add_argument("--default-network", metavar="N", help="network selected first, e.g. base")
+    p.add_argument("--default-asset", metavar="X", help="asset selected first, e.g. USDC")
+    p.add_argument("--preset-fiat-amount", type=_amount, metavar="N",
+                   help="fiat amount filled in, e.g. 100")  # fmt: skip
+    p.add_argument("--fiat-currency", metavar="CUR", help="e.g. USD, EUR, GBP")
+    p.add_argument(
+        "--default-payment-method", metavar="M", help="onramp: e.g. CARD, ACH_BANK_ACCOUNT"
+    )
+    p.add_argument("--offramp", action="store_true",
+                   help="print an Offramp (sell) URL; needs --partner-user-id and --redirect-url")  # fmt: skip
+    p.add_argument("--partner-user-id", metavar="ID",
+                   help="your id for the user (required with --offramp)")  # fmt: skip
+    p.add_argument("--redirect-url", metavar="URL",
+                   help="where the user goes afterwards (required with --offramp)")  # fmt: skip
+    p.add_argument("--default-cashout-method", metavar="M",
+                   help="offramp: e.g. FIAT_WALLET, ACH_BANK_ACCOUNT, PAYPAL")  # fmt: skip
+    p.set_defaults(func=cmd_onramp_url)
+
     return parser
 
 
@@ -151,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"signing-proxy: config error: {exc.message}", file=sys.stderr)
         return 2
-    except CredentialError as exc:
+    except ProxyError as exc:  # credentials, the upstream, the request: exit 1
         print(f"signing-proxy: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import hmac
 import json
+import re
 import ssl
 import time
 import uuid
@@ -34,6 +35,7 @@ PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 WS_AUTH_CHANNELS = frozenset({"user", "futures_balance_summary"})
 WS_PROTOCOL = "coinbase.test.v1"  # the one subprotocol the stand-in speaks
 FLOOD_CAP = 256 * 1024 * 1024  # a flood stops here even if nobody closes it
+EVM_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 class Unauthorized(Exception):
@@ -396,6 +398,8 @@ def _onramp_problem(data: Any) -> str | None:
         chains = entry["blockchains"]
         if not isinstance(entry["address"], str) or not isinstance(chains, list) or not chains:
             return "address must be a string and blockchains a non-empty list"
+        if not EVM_ADDRESS.fullmatch(entry["address"]):
+            return f"{entry['address']} is not a valid address for {', '.join(chains)}"
     assets = data.get("assets", [])
     if not isinstance(assets, list) or not all(isinstance(a, str) for a in assets):
         return "assets must be a list of strings"
