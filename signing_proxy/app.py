@@ -31,6 +31,7 @@ from .proxy import ProxyHandler
 from .relay import Relay, UpstreamEndpoint, create_session
 from .routing import Router
 from .signers import Clock
+from .topper import TopperEndpoint
 
 __all__ = ["ProxyServer", "ProxyState", "run"]
 
@@ -62,10 +63,13 @@ def _json(data: dict[str, Any], status: int = 200) -> web.Response:
 
 async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
+    topper = TopperEndpoint.from_config(state.config)  # None without a topper: block
     session = create_session()
     relay = Relay(session, state.endpoints, state.config.max_body_bytes)
     token = read_secret(state.config.inbound_token) if state.config.inbound_token else None
-    state.handler = ProxyHandler(state.router, state.credentials, relay, state.metrics, token)
+    state.handler = ProxyHandler(
+        state.router, state.credentials, relay, state.metrics, token, topper=topper
+    )
     try:
         yield
     finally:

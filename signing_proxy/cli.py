@@ -1,4 +1,4 @@
-"""The ``signing-proxy`` command: serve, check, jwt, onramp-url (see CONTRACT.md).
+"""The ``signing-proxy`` command: serve, check, jwt, onramp-url, keygen, topper-token (CONTRACT.md).
 
 Exit codes: 0 fine, 1 a problem with credentials or a request, 2 usage or config error.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -35,11 +36,17 @@ examples:
   signing-proxy jwt --key-file cdp_api_key.json GET https://api.coinbase.com/api/v3/brokerage/accounts
   eval $(signing-proxy jwt --export --key-file cdp_api_key.json GET api.coinbase.com/api/v3/brokerage/accounts)
   signing-proxy onramp-url -c config.yaml --address 0x4315d134aCd3221a02dD380ADE3aF39Ce219037c --blockchains base --assets USDC
+  signing-proxy keygen > topper.jwk.json
+  signing-proxy topper-token -c config.yaml --payload flow.json --url
 """
 
 
 def _config(path: str) -> Config:
-    return load_config(path)
+    from .topper import topper_settings
+
+    config = load_config(path)
+    topper_settings(config)  # the optional sections are checked at load, with the rest
+    return config
 
 
 def _usage(command: str, problem: str) -> int:
@@ -113,9 +120,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     for route in config.routes:
         signed_by = route.credential or config.upstreams[route.upstream].credential
         print(f"route {route.prefix} -> {route.upstream} (credential {signed_by or 'none'})")
+    problems.extend(_check_topper(config))
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _check_topper(config: Config) -> list[str]:
+    from .topper import load_topper_key, topper_settings
+
+    settings = topper_settings(config)
+    if settings is None:
+        return []
+    try:
+        key = load_topper_key(settings)
+    except CredentialError as exc:
+        print("topper: NOT LOADED")
+        return [exc.message]
+    print(
+        f"topper: ES256 key {settings.key_id} fingerprint {public_fingerprint(key)}, "
+        f"widget {settings.widget_id} ({settings.flow}, {settings.environment})"
+    )
+    return []
 
 
 def cmd_jwt(args: argparse.Namespace) -> int:
@@ -170,6 +196,51 @@ def cmd_onramp_url(args: argparse.Namespace) -> int:
     else:
         url = build_onramp_url(token, default_payment_method=args.default_payment_method, **shown)
     print(url)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .topper import generate_keypair
+
+    print(json.dumps(generate_keypair(), indent=2))
+    print(
+        "# send publicKey to Topper; keep this output secret: topper.private_key_file can "
+        "point at it as it is",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _read_flow(path: str) -> Any:
+    from .topper import InvalidFlow
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ProxyError(f"--payload {path}: cannot read ({reason})", code="bad_request") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidFlow(
+            f"--payload {path}: not valid JSON at line {exc.lineno}, column {exc.colno}"
+        ) from None
+
+
+def cmd_topper_token(args: argparse.Namespace) -> int:
+    from .topper import BootstrapSigner, load_topper_key, topper_settings
+
+    config = _config(args.config)
+    settings = topper_settings(config)
+    if settings is None:
+        raise ConfigError(
+            f"{config.path}: no topper: block; add private_key_file, key_id and widget_id"
+        )
+    minted = BootstrapSigner(settings, load_topper_key(settings)).mint(_read_flow(args.payload))
+    if args.json:
+        print(json.dumps(minted.as_dict()))
+    else:
+        print(minted.url if args.url else minted.token)
     return 0
 
 
@@ -246,6 +317,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offramp: e.g. FIAT_WALLET, ACH_BANK_ACCOUNT, PAYPAL")  # fmt: skip
     p.set_defaults(func=cmd_onramp_url)
 
+    p = sub.add_parser(
+        "keygen",
+        help="print a new P-256 key pair as JWKs (Topper onboarding)",
+        description='Print {"privateKey": <JWK>, "publicKey": <JWK>} for a new P-256 key. Send '
+        "publicKey to Topper, which answers with the key id; keep the output secret.",
+    )
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser(
+        "topper-token",
+        help="print a Topper bootstrap token (or its start URL) for a flow",
+        description="Sign the flow in FLOW.json (source, target, optional partner) with the "
+        "topper: key, adding iat, a fresh jti and sub = the widget id; print the token.",
+    )
+    p.add_argument("-c", "--config", required=True, help="config file (YAML) with a topper: block")
+    p.add_argument(
+        "--payload", required=True, metavar="FLOW.json", help="the flow JSON ('-': stdin)"
+    )
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--url", action="store_true", help="print the URL that starts the session")
+    shown.add_argument("--json", action="store_true", help='print {"token", "url", "jti"}')
+    p.set_defaults(func=cmd_topper_token)
     return parser
 
 

@@ -23,6 +23,7 @@ from .logs import ACCESS_LOGGER
 from .metrics import ProxyMetrics, method_label, status_class
 from .relay import Exchange, Relay
 from .routing import Router, Target
+from .topper import ALGORITHM, BOOTSTRAP_PATH, CREDENTIAL_LABEL, TopperEndpoint
 from .websocket import WebSocketRelay, is_websocket_upgrade
 
 __all__ = ["ProxyHandler", "error_response"]
@@ -60,12 +61,15 @@ class ProxyHandler:
         relay: Relay,
         metrics: ProxyMetrics,
         inbound_token: str | None = None,
+        *,
+        topper: TopperEndpoint | None = None,
     ):
         self.router = router
         self.credentials = credentials
         self.relay = relay
         self.metrics = metrics
         self.websockets = WebSocketRelay(relay.session, relay.endpoints, credentials, metrics)
+        self.topper = topper
         self._token = inbound_token.encode() if inbound_token else None
 
     def _check_inbound_auth(self, request: web.Request) -> None:
@@ -90,6 +94,8 @@ class ProxyHandler:
         ex = Exchange(request_id)
         target: Target | None = None
         credential: str | None = None
+        local_route = "-"  # the route label of an answer the proxy makes itself
+        response: web.StreamResponse
         self.metrics.in_flight.inc()
         try:
             if request.method == "CONNECT":
@@ -101,18 +107,24 @@ class ProxyHandler:
                     status=405,
                 )
             self._check_inbound_auth(request)
-            target = self.router.resolve(request.raw_path)
-            credential = target.credential
-            signer = self.credentials.signer(credential) if credential else None
-            if is_websocket_upgrade(request):
-                # The handshake is not signed: the relay puts JWTs in subscribe messages.
-                response = await self.websockets.relay(request, target, signer, ex)
+            if self.topper is not None and self.topper.handles(request):
+                # Minted here, not routed: the answer is the token (COINBASE_AUTH.md §5).
+                local_route, credential = BOOTSTRAP_PATH, CREDENTIAL_LABEL
+                response = await self.topper(request)
+                ex.status = response.status
+                self.metrics.tokens.labels(CREDENTIAL_LABEL, ALGORITHM).inc()
             else:
-                response = await self.relay.forward(request, target, signer, ex)
-                if signer is not None:
-                    self.metrics.tokens.labels(credential, signer.scheme).inc()
-                    self.metrics.signing_duration.labels(signer.scheme).observe(ex.sign_seconds)
-            if target is not None:
+                target = self.router.resolve(request.raw_path)
+                credential = target.credential
+                signer = self.credentials.signer(credential) if credential else None
+                if is_websocket_upgrade(request):
+                    # The handshake is not signed: the relay puts JWTs in subscribe messages.
+                    response = await self.websockets.relay(request, target, signer, ex)
+                else:
+                    response = await self.relay.forward(request, target, signer, ex)
+                    if signer is not None:
+                        self.metrics.tokens.labels(credential, signer.scheme).inc()
+                        self.metrics.signing_duration.labels(signer.scheme).observe(ex.sign_seconds)
                 self.metrics.upstream_duration.labels(target.upstream.name).observe(
                     ex.upstream_seconds
                 )
@@ -134,7 +146,9 @@ class ProxyHandler:
             self.metrics.in_flight.dec()
         if ex.error:
             self.metrics.errors.labels(ex.error).inc()
-        self._account(request, request_id, target, credential, ex, time.perf_counter() - started)
+        self._account(
+            request, request_id, target, credential, ex, time.perf_counter() - started, local_route
+        )
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         return response
@@ -147,9 +161,10 @@ class ProxyHandler:
         credential: str | None,
         ex: Exchange,
         seconds: float,
+        local_route: str = "-",
     ) -> None:
         upstream = target.upstream.name if target else "-"
-        route = target.route if target else "-"
+        route = target.route if target else local_route
         self.metrics.requests.labels(
             upstream, method_label(request.method), route, status_class(ex.status)
         ).inc()
