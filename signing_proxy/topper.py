@@ -121,8 +121,8 @@ def topper_settings(config: Config) -> TopperSettings | None:
             "give private_key_file (the private JWK or PEM; `signing-proxy keygen` makes a key) "
             "or private_key_env",
         )
-    key_id = _uuid(r, data.get("key_id"), "topper.key_id", "the key UUID Topper gave you")
-    widget_id = _uuid(r, data.get("widget_id"), "topper.widget_id", "the widget (flow) UUID")
+    key_id = _uuid(r, data.get("key_id"), "topper.key_id", "the key id Topper gave you")
+    widget_id = _uuid(r, data.get("widget_id"), "topper.widget_id", "the widget (flow) id")
     environment = data.get("environment", "production")
     if environment not in START_URLS:
         raise r.fail("topper.environment", "expected 'production' or 'sandbox'")

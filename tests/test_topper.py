@@ -427,7 +427,7 @@ def test_cli_check_refuses_a_bad_block(
 ) -> None:
     config_dict["topper"] = topper_block(key_file, key_id="not-a-uuid")
     assert main(["check", "-c", write_config(tmp_path, config_dict)]) == 2
-    assert "topper.key_id: expected the key UUID Topper gave you" in capsys.readouterr().err
+    assert "topper.key_id: expected the key id Topper gave you (a UUID)" in capsys.readouterr().err
 
 
 async def test_cli_and_endpoint_tokens_verify_with_the_same_public_key(
