@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from aiohttp import WSMsgType
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from signing_proxy.app import ProxyServer
-from signing_proxy.websocket import QueueLimits, inject_jwt
+from signing_proxy.websocket import MAX_MESSAGE_BYTES, QueueLimits, inject_jwt
 
 from .conftest import EC_KEY_NAME, ED_KEY_NAME, MakeProxy
 from .upstream import WS_PROTOCOL, VerifyingUpstream, WsSession
@@ -155,6 +156,9 @@ async def test_market_channel_without_credential_passes_unchanged(
     seen = session(upstream)
     assert seen.host == WS_MARKET
     assert seen.events[0] == ("text", text)  # byte for byte
+    # one request per relayed connection, labelled by the path sent (the root, not an id)
+    labels = {"upstream": WS_MARKET, "method": "GET", "route": "/", "status_class": "1xx"}
+    await eventually(lambda: metric(ws_proxy, "signing_proxy_requests_total", **labels) == 1)
     assert (
         metric(ws_proxy, "signing_proxy_websocket_jwts_injected_total", credential="trading") == 0
     )
@@ -276,6 +280,26 @@ async def test_slow_client_is_closed_and_the_queue_stays_bounded(
     assert seen.flood_sent > 4 * limits.bytes
     assert 0 < relay.peak_queued_messages <= limits.messages
     assert 0 < relay.peak_queued_bytes <= limits.bytes
+
+
+async def test_oversized_message_ends_the_relay_without_relaying_it(
+    ws_proxy: ProxyServer, client: aiohttp.ClientSession, upstream: VerifyingUpstream
+) -> None:
+    ws = await client.ws_connect(ws_url(ws_proxy, "/ws"))
+    with contextlib.suppress(ConnectionError):  # the proxy may close while this is still sent
+        await ws.send_bytes(b"x" * (MAX_MESSAGE_BYTES + 1))
+    msg = await ws.receive(timeout=5)
+    # aiohttp answers 1009; a reset may overtake that frame, since the rest goes unread.
+    assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR)
+    if msg.type is WSMsgType.CLOSE:
+        assert msg.data == 1009
+    await ws.close()
+    seen = session(upstream)
+    await asyncio.wait_for(seen.closed.wait(), 5)
+    assert seen.close_code == 1001 and seen.events == []  # nothing of it was relayed
+    await eventually(
+        lambda: metric(ws_proxy, "signing_proxy_websocket_closes_total", code="1006") == 1
+    )
 
 
 # --- refusals ------------------------------------------------------------------------------------
