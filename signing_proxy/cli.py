@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import shlex
 import sys
-from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -61,24 +59,25 @@ def _csv(text: str) -> list[str]:
     return items
 
 
-def _amount(text: str) -> str:
+def _argument(text: str, check: Callable[[str], object]) -> str:
+    """Run a library check that raises ValueError as an argparse type: one rule, one place."""
     try:
-        number = Decimal(text)
-    except InvalidOperation:
-        number = Decimal("NaN")
-    if not number.is_finite() or number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive amount, e.g. 100, got {text!r}")
+        check(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _amount(text: str) -> str:
+    from .onramp import check_amount  # imported when used: onramp pulls in aiohttp
+
+    return _argument(text, check_amount)
 
 
 def _public_ip(text: str) -> str:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
-    if not address.is_global:
-        raise argparse.ArgumentTypeError(f"{text} is not a public address (Coinbase requires one)")
-    return text
+    from .onramp import check_client_ip
+
+    return _argument(text, check_client_ip)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ __all__ = [
     "TOKEN_PATH",
     "build_offramp_url",
     "build_onramp_url",
+    "check_amount",
+    "check_client_ip",
     "request_session_token",
     "session_token_for_config",
     "token_request_body",
@@ -49,7 +51,8 @@ _SHOWN_BODY: Final = 500  # characters of an upstream error body worth showing
 Amount = str | int | float | Decimal
 
 
-def _amount(value: Amount | None, name: str) -> str | None:
+def check_amount(value: Amount | None, name: str = "the amount") -> str | None:
+    """The amount as the URL carries it; ValueError unless it is a positive number."""
     if value is None:
         return None
     try:
@@ -86,7 +89,7 @@ def build_onramp_url(
         {
             "defaultNetwork": default_network,
             "defaultAsset": default_asset,
-            "presetFiatAmount": _amount(preset_fiat_amount, "preset_fiat_amount"),
+            "presetFiatAmount": check_amount(preset_fiat_amount, "preset_fiat_amount"),
             "fiatCurrency": fiat_currency,
             "defaultPaymentMethod": default_payment_method,
             **_partner_user(partner_user_id),
@@ -120,7 +123,7 @@ def build_offramp_url(
             "redirectUrl": redirect_url,
             "defaultNetwork": default_network,
             "defaultAsset": default_asset,
-            "presetFiatAmount": _amount(preset_fiat_amount, "preset_fiat_amount"),
+            "presetFiatAmount": check_amount(preset_fiat_amount, "preset_fiat_amount"),
             "fiatCurrency": fiat_currency,
             "defaultCashoutMethod": default_cashout_method,
         },
@@ -131,6 +134,17 @@ def _partner_user(value: str | None) -> dict[str, str | None]:
     # COINBASE_AUTH.md §4 names it partnerUserId; Coinbase's current URL reference calls the same
     # value partnerUserRef. Both are sent, so the URL works with either reading.
     return {"partnerUserId": value, "partnerUserRef": value}
+
+
+def check_client_ip(text: str) -> str:
+    """The end user's IP as the token request carries it; ValueError unless it is public."""
+    try:
+        public = ipaddress.ip_address(text).is_global
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+    if not public:
+        raise ValueError(f"{text} is not a public IP address (Coinbase requires one)")
+    return text
 
 
 def token_request_body(
@@ -147,15 +161,7 @@ def token_request_body(
         entries.append({"address": address, "blockchains": chains})
     body: dict[str, Any] = {"addresses": entries, "assets": [a for a in assets if a]}
     if client_ip is not None:
-        try:
-            public = ipaddress.ip_address(client_ip).is_global
-        except ValueError:
-            raise ValueError(f"client_ip {client_ip!r} is not an IP address") from None
-        if not public:
-            raise ValueError(
-                f"client_ip {client_ip} is not a public address (Coinbase requires one)"
-            )
-        body["clientIp"] = client_ip
+        body["clientIp"] = check_client_ip(client_ip)
     return body
 
 

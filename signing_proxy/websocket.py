@@ -209,7 +209,6 @@ class _Bridge:
         try:
             await self.done.wait()
         finally:
-            self._closing = True
             if self._deadline is not None:
                 self._deadline.cancel()
             # Close first: that wakes a reader waiting in receive() (with CLOSING) and makes a
@@ -342,9 +341,6 @@ class WebSocketRelay:
         self.peak_queued_messages = 0
         self._open: set[_Bridge] = set()
         self._stopping = False
-
-    def __len__(self) -> int:
-        return len(self._open)
 
     async def relay(
         self, request: web.Request, target: Target, signer: Signer | None, ex: Exchange
