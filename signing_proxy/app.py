@@ -40,6 +40,7 @@ from .proxy import ProxyHandler
 from .relay import Relay, UpstreamEndpoint, create_session
 from .routing import Router
 from .signers import Clock
+from .topper import TopperEndpoint
 
 __all__ = ["ProxyServer", "ProxyState", "run"]
 
@@ -151,7 +152,9 @@ class ProxyServer:
             )
         return problems
 
-    def _build_handler(self, session: aiohttp.ClientSession) -> ProxyHandler:
+    def _build_handler(
+        self, session: aiohttp.ClientSession, topper: TopperEndpoint | None
+    ) -> ProxyHandler:
         config = self.config
         relay = Relay(session, self.state.endpoints, config.max_body_bytes)
         token = read_secret(config.inbound_token) if config.inbound_token else None
@@ -159,16 +162,20 @@ class ProxyServer:
         if config.access_log and logging.getLevelName(config.log_level) <= logging.INFO:
             access_log = AccessLog(config.log_format, self.state.access_log_stream)
         return ProxyHandler(
-            self.state.router, self.state.credentials, relay, self.metrics, token, access_log
-        )
+            self.state.router, self.state.credentials, relay, self.metrics, token, access_log,
+            topper=topper,
+        )  # fmt: skip
 
     async def start(self) -> None:
         self.load_credentials()
         self.state.endpoints.update(
             {name: UpstreamEndpoint.build(cfg) for name, cfg in self.config.upstreams.items()}
         )
+        topper = TopperEndpoint.from_config(self.config)  # None without a topper: block
         self._session = create_session()
-        handler = self.state.handler = self._build_handler(self._session)
+        handler = self.state.handler = self._build_handler(self._session, topper)
+        # Open WebSockets would hold the drain: close them with 1001 at the shutdown step.
+        self.state.on_shutdown.append(handler.websockets.close_all)
         # The proxy listener is aiohttp's low-level Server: a proxy has no routes, and an
         # Application's router would build a 404 for every request (CONNECT and absolute-form
         # targets included) before a middleware could take it; measured at ~12% of CPU.

@@ -1,4 +1,4 @@
-"""The ``signing-proxy`` command: serve, check, jwt (see CONTRACT.md).
+"""The ``signing-proxy`` command: serve, check, jwt, onramp-url, keygen, topper-token (CONTRACT.md).
 
 Exit codes: 0 fine, 1 a problem with credentials or a request, 2 usage or config error.
 """
@@ -11,14 +11,14 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__
 from .config import ENV_PREFIX, Config, env_overrides, load_config
-from .errors import ConfigError, CredentialError
+from .errors import ConfigError, CredentialError, ProxyError
 
 # Commands import what they use: the --workers supervisor and `wait` stay small and start fast
 # without the crypto and HTTP stacks.
@@ -35,6 +35,9 @@ examples:
   signing-proxy check -c config.yaml
   signing-proxy jwt --key-file cdp_api_key.json GET https://api.coinbase.com/api/v3/brokerage/accounts
   eval $(signing-proxy jwt --export --key-file cdp_api_key.json GET api.coinbase.com/api/v3/brokerage/accounts)
+  signing-proxy onramp-url -c config.yaml --address 0x4315d134aCd3221a02dD380ADE3aF39Ce219037c --blockchains base --assets USDC
+  signing-proxy keygen > topper.jwk.json
+  signing-proxy topper-token -c config.yaml --payload flow.json --url
 """
 
 
@@ -63,7 +66,44 @@ def _config(args: argparse.Namespace) -> Config:
         value = getattr(args, attr, None)
         if value is not None:
             overrides[field] = (value, f"--{attr.replace('_', '-')}")
-    return load_config(_config_path(args), overrides)
+    config = load_config(_config_path(args), overrides)
+    from .topper import topper_settings
+
+    topper_settings(config)  # the optional sections are checked at load, with the rest
+    return config
+
+
+def _usage(command: str, problem: str) -> int:
+    print(f"signing-proxy {command}: error: {problem}", file=sys.stderr)
+    return 2
+
+
+def _csv(text: str) -> list[str]:
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. ethereum,base")
+    return items
+
+
+def _argument(text: str, check: Callable[[str], object]) -> str:
+    """Run a library check that raises ValueError as an argparse type: one rule, one place."""
+    try:
+        check(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _amount(text: str) -> str:
+    from .onramp import check_amount  # imported when used: onramp pulls in aiohttp
+
+    return _argument(text, check_amount)
+
+
+def _public_ip(text: str) -> str:
+    from .onramp import check_client_ip
+
+    return _argument(text, check_client_ip)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -177,9 +217,29 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"inbound auth: token from {config.inbound_token.describe()}")
         except CredentialError as exc:
             problems.append(f"inbound_auth: {exc.message}")
+    problems.extend(_check_topper(config))
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _check_topper(config: Config) -> list[str]:
+    from .credentials import public_fingerprint
+    from .topper import load_topper_key, topper_settings
+
+    settings = topper_settings(config)
+    if settings is None:
+        return []
+    try:
+        key = load_topper_key(settings)
+    except CredentialError as exc:
+        print("topper: NOT LOADED")
+        return [exc.message]
+    print(
+        f"topper: ES256 key {settings.key_id} fingerprint {public_fingerprint(key)}, "
+        f"widget {settings.widget_id} ({settings.flow}, {settings.environment})"
+    )
+    return []
 
 
 def cmd_jwt(args: argparse.Namespace) -> int:
@@ -217,6 +277,88 @@ def _without_workers(argv: Sequence[str]) -> list[str]:
         elif not arg.startswith("--workers="):
             out.append(arg)
     return out
+
+
+def cmd_onramp_url(args: argparse.Namespace) -> int:
+    from .onramp import build_offramp_url, build_onramp_url, session_token_for_config
+
+    if args.offramp:
+        if not args.partner_user_id or not args.redirect_url:
+            return _usage("onramp-url", "--offramp needs --partner-user-id and --redirect-url")
+        if args.default_payment_method:
+            return _usage("onramp-url", "--default-payment-method is for onramp, not --offramp")
+    elif args.default_cashout_method:
+        return _usage("onramp-url", "--default-cashout-method is for --offramp")
+    config = _config(args)
+    import asyncio
+
+    token = asyncio.run(
+        session_token_for_config(
+            config,
+            addresses={args.address: args.blockchains},
+            assets=args.assets,
+            client_ip=args.client_ip,
+        )
+    )
+    shown: dict[str, Any] = {
+        "default_network": args.default_network,
+        "default_asset": args.default_asset,
+        "preset_fiat_amount": args.preset_fiat_amount,
+        "fiat_currency": args.fiat_currency,
+        "partner_user_id": args.partner_user_id,
+        "redirect_url": args.redirect_url,
+    }
+    if args.offramp:
+        url = build_offramp_url(token, default_cashout_method=args.default_cashout_method, **shown)
+    else:
+        url = build_onramp_url(token, default_payment_method=args.default_payment_method, **shown)
+    print(url)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .topper import generate_keypair
+
+    print(json.dumps(generate_keypair(), indent=2))
+    print(
+        "# send publicKey to Topper; keep this output secret: topper.private_key_file can "
+        "point at it as it is",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _read_flow(path: str) -> Any:
+    from .topper import InvalidFlow
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ProxyError(f"--payload {path}: cannot read ({reason})", code="bad_request") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidFlow(
+            f"--payload {path}: not valid JSON at line {exc.lineno}, column {exc.colno}"
+        ) from None
+
+
+def cmd_topper_token(args: argparse.Namespace) -> int:
+    from .topper import BootstrapSigner, load_topper_key, topper_settings
+
+    config = _config(args)
+    settings = topper_settings(config)
+    if settings is None:
+        raise ConfigError(
+            f"{config.path}: no topper: block; add private_key_file, key_id and widget_id"
+        )
+    minted = BootstrapSigner(settings, load_topper_key(settings)).mint(_read_flow(args.payload))
+    if args.json:
+        print(json.dumps(minted.as_dict()))
+    else:
+        print(minted.url if args.url else minted.token)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,6 +447,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", metavar="METHOD", type=str.upper, help="HTTP method, e.g. GET")
     p.add_argument("url", metavar="URL", help="https://host/path?query or host/path")
     p.set_defaults(func=cmd_jwt)
+
+    p = sub.add_parser(
+        "onramp-url",
+        help="print a Coinbase Onramp (or Offramp) URL with a fresh session token",
+        description="Request a session token (POST /onramp/v1/token) through the configured "
+        "api.developer.coinbase.com upstream and its credential, and print the pay.coinbase.com "
+        "URL that starts with it. The token is single-use and expires after 5 minutes.",
+    )
+    p.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    p.add_argument("--address", required=True, help="the wallet address funds go to (or come from)")
+    p.add_argument("--blockchains", required=True, type=_csv, metavar="A,B",
+                   help="networks of that address, e.g. ethereum,base")  # fmt: skip
+    p.add_argument("--assets", required=True, type=_csv, metavar="X,Y",
+                   help="assets offered, e.g. ETH,USDC")  # fmt: skip
+    p.add_argument("--client-ip", type=_public_ip, metavar="IP",
+                   help="the end user's public IP, bound into the token")  # fmt: skip
+    p.add_argument("--default-network", metavar="N", help="network selected first, e.g. base")
+    p.add_argument("--default-asset", metavar="X", help="asset selected first, e.g. USDC")
+    p.add_argument("--preset-fiat-amount", type=_amount, metavar="N",
+                   help="fiat amount filled in, e.g. 100")  # fmt: skip
+    p.add_argument("--fiat-currency", metavar="CUR", help="e.g. USD, EUR, GBP")
+    p.add_argument(
+        "--default-payment-method", metavar="M", help="onramp: e.g. CARD, ACH_BANK_ACCOUNT"
+    )
+    p.add_argument("--offramp", action="store_true",
+                   help="print an Offramp (sell) URL; needs --partner-user-id and --redirect-url")  # fmt: skip
+    p.add_argument("--partner-user-id", metavar="ID",
+                   help="your id for the user (required with --offramp)")  # fmt: skip
+    p.add_argument("--redirect-url", metavar="URL",
+                   help="where the user goes afterwards (required with --offramp)")  # fmt: skip
+    p.add_argument("--default-cashout-method", metavar="M",
+                   help="offramp: e.g. FIAT_WALLET, ACH_BANK_ACCOUNT, PAYPAL")  # fmt: skip
+    p.set_defaults(func=cmd_onramp_url)
+
+    p = sub.add_parser(
+        "keygen",
+        help="print a new P-256 key pair as JWKs (Topper onboarding)",
+        description='Print {"privateKey": <JWK>, "publicKey": <JWK>} for a new P-256 key. Send '
+        "publicKey to Topper, which answers with the key id; keep the output secret.",
+    )
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser(
+        "topper-token",
+        help="print a Topper bootstrap token (or its start URL) for a flow",
+        description="Sign the flow in FLOW.json (source, target, optional partner) with the "
+        "topper: key, adding iat, a fresh jti and sub = the widget id; print the token.",
+    )
+    p.add_argument("-c", "--config", required=True, help="config file (YAML) with a topper: block")
+    p.add_argument(
+        "--payload", required=True, metavar="FLOW.json", help="the flow JSON ('-': stdin)"
+    )
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--url", action="store_true", help="print the URL that starts the session")
+    shown.add_argument("--json", action="store_true", help='print {"token", "url", "jti"}')
+    p.set_defaults(func=cmd_topper_token)
     return parser
 
 
@@ -317,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"signing-proxy: config error: {exc.message}", file=sys.stderr)
         return 2
-    except CredentialError as exc:
+    except ProxyError as exc:  # credentials, the upstream, the request: exit 1
         print(f"signing-proxy: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

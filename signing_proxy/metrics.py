@@ -13,13 +13,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import __version__
 
-__all__ = ["ProxyMetrics", "method_label", "status_class"]
+__all__ = ["ProxyMetrics", "close_code_label", "method_label", "status_class"]
 
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 _SIGNING_BUCKETS: Final = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01)
+# RFC 6455 §7.4.1 codes (1006: the connection dropped without a close frame); any other → "other".
+_CLOSE_CODES: Final = frozenset(
+    {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
+)
 
 
 def method_label(method: str) -> str:
@@ -28,6 +32,10 @@ def method_label(method: str) -> str:
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx"
+
+
+def close_code_label(code: int) -> str:
+    return str(code) if code in _CLOSE_CODES else "other"
 
 
 class ProxyMetrics:
@@ -89,6 +97,31 @@ class ProxyMetrics:
             multiprocess_mode="livemin",  # with --workers: 0 if any worker lacks the key
             registry=registry,
         )
+        self.ws_connections = Gauge(
+            f"{ns}_websocket_connections",
+            "WebSocket relays open now",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.ws_messages = Counter(
+            f"{ns}_websocket_messages_total",
+            "WebSocket text and binary messages relayed, by direction (to_upstream, to_client)",
+            ["direction"],
+            registry=registry,
+        )
+        self.ws_jwts = Counter(
+            f"{ns}_websocket_jwts_injected_total",
+            "JWTs put into outgoing WebSocket subscribe/unsubscribe messages, by credential",
+            ["credential"],
+            registry=registry,
+        )
+        self.ws_closes = Counter(
+            f"{ns}_websocket_closes_total",
+            "WebSocket relays ended, by the close code they ended with (1006: connection lost)",
+            ["code"],
+            registry=registry,
+        )
+
         # Label children by key: labels() costs ~2.5 µs with its lock and checks; a dict lookup
         # does not. Keys are bounded (see the module docstring), so these dicts are too.
         self._requests: dict[tuple[str, str, str, str], Any] = {}

@@ -23,6 +23,8 @@ from .logs import AccessLog
 from .metrics import ProxyMetrics, method_label
 from .relay import Exchange, Relay
 from .routing import Router, Target
+from .topper import ALGORITHM, BOOTSTRAP_PATH, CREDENTIAL_LABEL, TopperEndpoint
+from .websocket import WebSocketRelay, is_websocket_upgrade
 
 __all__ = ["ProxyHandler", "error_response"]
 
@@ -59,12 +61,16 @@ class ProxyHandler:
         metrics: ProxyMetrics,
         inbound_token: str | None = None,
         access_log: AccessLog | None = None,
+        *,
+        topper: TopperEndpoint | None = None,
     ):
         self.access_log = access_log
         self.router = router
         self.credentials = credentials
         self.relay = relay
         self.metrics = metrics
+        self.websockets = WebSocketRelay(relay.session, relay.endpoints, credentials, metrics)
+        self.topper = topper
         self._token = inbound_token.encode() if inbound_token else None
 
     def _check_inbound_auth(self, request: web.BaseRequest) -> None:
@@ -89,6 +95,8 @@ class ProxyHandler:
         ex = Exchange(request_id)
         target: Target | None = None
         credential: str | None = None
+        local_route = "-"  # the route label of an answer the proxy makes itself
+        response: web.StreamResponse
         self.metrics.in_flight.inc()
         try:
             if request.method == "CONNECT":
@@ -100,23 +108,30 @@ class ProxyHandler:
                     status=405,
                 )
             self._check_inbound_auth(request)
-            target = self.router.resolve(request.raw_path)
-            credential = target.credential
-            signer = self.credentials.signer(credential) if credential else None
-            response = await self.relay.forward(request, target, signer, ex)
-            if signer is not None:
-                self.metrics.tokens.labels(credential, signer.scheme).inc()
-                self.metrics.signing_duration.labels(signer.scheme).observe(ex.sign_seconds)
-            if target is not None:
+            if self.topper is not None and self.topper.handles(request):
+                # Minted here, not routed: the answer is the token (COINBASE_AUTH.md §5).
+                local_route, credential = BOOTSTRAP_PATH, CREDENTIAL_LABEL
+                response = await self.topper(request)
+                ex.status = response.status
+                self.metrics.tokens.labels(CREDENTIAL_LABEL, ALGORITHM).inc()
+            else:
+                target = self.router.resolve(request.raw_path)
+                credential = target.credential
+                signer = self.credentials.signer(credential) if credential else None
+                if is_websocket_upgrade(request):
+                    # The handshake is not signed: the relay puts JWTs in subscribe messages.
+                    response = await self.websockets.relay(request, target, signer, ex)
+                else:
+                    response = await self.relay.forward(request, target, signer, ex)
+                    if signer is not None and credential is not None:
+                        self.metrics.count_signature(credential, signer.scheme, ex.sign_seconds)
                 self.metrics.upstream_duration.labels(target.upstream.name).observe(
                     ex.upstream_seconds
                 )
         except ProxyError as exc:
             ex.status, ex.error = exc.status, exc.code
             response = error_response(exc, request_id)
-        except (
-            Exception
-        ) as exc:  # a bug: answer JSON, log the type only (no values that may hold secrets)
+        except Exception as exc:  # a bug: answer JSON; log the type, not values that may be secret
             log.error(
                 "internal error",
                 extra={"fields": {"request_id": request_id, "exc_type": type(exc).__name__,
@@ -129,7 +144,9 @@ class ProxyHandler:
             self.metrics.in_flight.dec()
         if ex.error:
             self.metrics.errors.labels(ex.error).inc()  # rare: no child cache needed
-        self._account(request, request_id, target, credential, ex, time.perf_counter() - started)
+        self._account(
+            request, request_id, target, credential, ex, time.perf_counter() - started, local_route
+        )
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         return response
@@ -142,9 +159,10 @@ class ProxyHandler:
         credential: str | None,
         ex: Exchange,
         seconds: float,
+        local_route: str = "-",
     ) -> None:
         upstream = target.upstream.name if target else "-"
-        route = target.route if target else "-"
+        route = target.route if target else local_route
         self.metrics.count_request(
             upstream, method_label(request.method), route, ex.status, seconds
         )

@@ -180,13 +180,18 @@ async def _stream_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_capped_body(request: web.BaseRequest, cap: int) -> bytes:
+async def read_capped_body(
+    request: web.BaseRequest,
+    cap: int,
+    *,
+    limit: str = "max_body_bytes",
+    why: str = "HMAC signing must read the whole body",
+) -> bytes:
     """The whole request body, refused with 413 above ``cap`` bytes (read no further than that)."""
     declared = request.content_length
     if declared is not None and declared > cap:
         raise RequestRejected(
-            f"request body of {declared} bytes exceeds max_body_bytes ({cap}); "
-            "HMAC signing must read the whole body",
+            f"request body of {declared} bytes exceeds {limit} ({cap}); {why}",
             code="body_too_large",
             status=413,
         )
@@ -196,7 +201,7 @@ async def read_capped_body(request: web.BaseRequest, cap: int) -> bytes:
         size += len(chunk)
         if size > cap:
             raise RequestRejected(
-                f"request body exceeds max_body_bytes ({cap})", code="body_too_large", status=413
+                f"request body exceeds {limit} ({cap}); {why}", code="body_too_large", status=413
             )
         parts.append(chunk)
     return b"".join(parts)

@@ -101,7 +101,8 @@ class RouteTemplates:
 
     def _template(self, route_prefix: str, path: str) -> str:
         segments = path.split("/")[1 : _MAX_TEMPLATE_DEPTH + 1]
-        shaped = "/" + "/".join(s if _WORD.fullmatch(s) else "{id}" for s in segments)
+        # An empty segment (the root, a trailing slash) stays empty: it is not an id.
+        shaped = "/" + "/".join(s if not s or _WORD.fullmatch(s) else "{id}" for s in segments)
         if len(path.split("/")) > _MAX_TEMPLATE_DEPTH + 1:
             shaped += "/…"
         known = self._seen.get(shaped)

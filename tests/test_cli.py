@@ -179,7 +179,7 @@ async def test_curl_through_both_modes(
             [curl, "-sS", f"http://127.0.0.1:{port}/api/v3/brokerage/accounts?limit=1"],
             [curl, "-sS", "-x", f"http://127.0.0.1:{port}", "http://api.coinbase.com/api/v3/brokerage/accounts?limit=1"],
             [curl, "-sS", "-x", f"http://127.0.0.1:{port}", "-X", "POST", "-d", '{"a":1}',
-             "http://api.developer.coinbase.com/onramp/v1/token"],
+             "http://api.developer.coinbase.com/onramp/v1/buy/quote"],
         ]  # fmt: skip
         for command in commands:
             code, out, err = await run_async(command)
@@ -187,7 +187,7 @@ async def test_curl_through_both_modes(
             data = json.loads(out)
             assert data["auth"] == "jwt", data
         assert (
-            data["claims"]["uri"] == "POST api.developer.coinbase.com/onramp/v1/token"
+            data["claims"]["uri"] == "POST api.developer.coinbase.com/onramp/v1/buy/quote"
             and data["body_len"] == 7
         )
         # https:// through the proxy means CONNECT: refused, and curl says so

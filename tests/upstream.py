@@ -4,26 +4,38 @@ It checks what Coinbase checks (COINBASE_AUTH.md): the JWT signature with the *p
 by ``kid``, ``sub``/``iss``/``nbf``/``exp``, the ``uri`` against the method + Host + path it actually
 received, nonces never reused; or the HMAC recomputed from the bytes it received. Anything else
 gets a 401, so a functional test passes only if the proxy signed exactly what it sent.
+
+WebSocket upgrades get an Advanced Trade stand-in (``_websocket``): subscribe/unsubscribe messages
+have their ``jwt`` verified the same way, but in the WebSocket form (no ``uri``), and the
+authenticated channels are refused without one. ``POST /onramp/v1/token`` checks its body and
+answers a session token the way Coinbase does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import hashlib
 import hmac
 import json
+import re
 import ssl
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 import trustme
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+WS_AUTH_CHANNELS = frozenset({"user", "futures_balance_summary"})
+WS_PROTOCOL = "coinbase.test.v1"  # the one subprotocol the stand-in speaks
+FLOOD_CAP = 256 * 1024 * 1024  # a flood stops here even if nobody closes it
+EVM_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 class Unauthorized(Exception):
@@ -43,6 +55,25 @@ class Received:
     token: str | None = None
 
 
+@dataclass
+class WsSession:
+    """One WebSocket connection as the upstream saw it."""
+
+    host: str
+    path: str
+    headers: dict[str, str]
+    protocol: str | None
+    events: list[tuple[str, Any]] = field(
+        default_factory=list
+    )  # ("text"|"binary"|"ping"|"pong", data)
+    verified: list[tuple[dict[str, Any], dict[str, Any]]] = field(
+        default_factory=list
+    )  # (header, claims)
+    close_code: int | None = None  # the code of the close frame it received
+    flood_sent: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class VerifyingUpstream:
     def __init__(
         self,
@@ -59,6 +90,9 @@ class VerifyingUpstream:
         self.seen_nonces: set[str] = set()
         self.received: list[Received] = []
         self.rejections: list[str] = []
+        self.ws_sessions: list[WsSession] = []
+        self.onramp_requests: list[dict[str, Any]] = []
+        self.onramp_tokens: list[str] = []
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -84,7 +118,8 @@ class VerifyingUpstream:
 
     # --- verification, the way Coinbase does it -------------------------------------------
 
-    def _verify_jwt(self, request: web.Request, token: str, path: str) -> Received:
+    def _verify_token(self, token: str, uri: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A CDP JWT's header and claims; ``uri=None`` is the WebSocket form, which has no uri."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -96,12 +131,13 @@ class VerifyingUpstream:
         expected_alg = "ES256" if isinstance(public, ec.EllipticCurvePublicKey) else "EdDSA"
         if header.get("alg") != expected_alg or header.get("typ") != "JWT":
             raise Unauthorized(f"bad header {header}")
+        required = ["sub", "iss", "nbf", "exp"] + ([] if uri is None else ["uri"])
         try:
             claims = jwt.decode(
                 token,
                 public,
                 algorithms=[expected_alg],
-                options={"require": ["sub", "iss", "nbf", "exp", "uri"], "verify_aud": False},
+                options={"require": required, "verify_aud": False},
             )
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"signature/claims rejected: {exc}") from None
@@ -109,16 +145,21 @@ class VerifyingUpstream:
             raise Unauthorized(f"bad sub/iss/aud: {claims}")
         if claims["exp"] - claims["nbf"] != 120 or abs(claims["nbf"] - time.time()) > 5:
             raise Unauthorized(f"bad lifetime: {claims}")
-        host = request.headers.get("Host", "")
-        if ":" in host:
-            raise Unauthorized(f"Host header carries a port: {host}")
-        expected_uri = f"{request.method} {host}{path}"
-        if claims["uri"] != expected_uri:
-            raise Unauthorized(f"uri {claims['uri']!r} != {expected_uri!r}")
+        if uri is None and "uri" in claims:
+            raise Unauthorized(f"a WebSocket jwt carries no uri: {claims}")
+        if uri is not None and claims["uri"] != uri:
+            raise Unauthorized(f"uri {claims['uri']!r} != {uri!r}")
         nonce = header.get("nonce")
         if not isinstance(nonce, str) or len(nonce) < 16 or nonce in self.seen_nonces:
             raise Unauthorized(f"nonce missing or reused: {nonce!r}")
         self.seen_nonces.add(nonce)
+        return header, claims
+
+    def _verify_jwt(self, request: web.Request, token: str, path: str) -> Received:
+        host = request.headers.get("Host", "")
+        if ":" in host:
+            raise Unauthorized(f"Host header carries a port: {host}")
+        header, claims = self._verify_token(token, f"{request.method} {host}{path}")
         return Received(request.method, host, path, "", {}, "jwt", claims, header, token)
 
     def _verify_hmac(self, request: web.Request, path: str, query: str, body: bytes) -> Received:
@@ -142,6 +183,8 @@ class VerifyingUpstream:
         auth = request.headers.get("Authorization", "")
         body = b""
         streaming = path.startswith("/stream/")
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request, path)
         try:
             if auth.startswith("Bearer "):
                 rec = self._verify_jwt(request, auth[7:], path)
@@ -191,6 +234,8 @@ class VerifyingUpstream:
     async def _special(
         self, request: web.Request, path: str, query: str, rec: Received, body: bytes
     ) -> web.StreamResponse:
+        if path == "/onramp/v1/token" and request.method == "POST":
+            return self._onramp_token(body)
         if path == "/redirect":
             return web.Response(status=302, headers={"Location": "https://elsewhere.example/next"})
         if path.startswith("/status/"):
@@ -237,3 +282,128 @@ class VerifyingUpstream:
             content_type="application/json",
             headers={"Set-Cookie": "__cf_bm=upstream-cookie; Path=/", "X-Upstream": "yes"},
         )
+
+    # --- POST /onramp/v1/token ---------------------------------------------------------------
+
+    def _onramp_token(self, body: bytes) -> web.Response:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        problem = _onramp_problem(data)
+        if problem:
+            return web.json_response({"code": "INVALID_ARGUMENT", "message": problem}, status=400)
+        token = base64.b64encode(str(uuid.uuid4()).encode()).decode()
+        self.onramp_requests.append(data)
+        self.onramp_tokens.append(token)
+        return web.json_response({"token": token, "channel_id": ""})
+
+    # --- WebSocket: an Advanced Trade stand-in ----------------------------------------------------
+
+    async def _websocket(self, request: web.Request, path: str) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=(WS_PROTOCOL,), autoping=False)
+        await ws.prepare(request)
+        session = WsSession(
+            request.headers.get("Host", ""),
+            path,
+            {k.lower(): v for k, v in request.headers.items()},
+            ws.ws_protocol,
+        )
+        self.ws_sessions.append(session)
+        flood: asyncio.Task[None] | None = None
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg.type is WSMsgType.TEXT:
+                    session.events.append(("text", msg.data))
+                    if msg.data.startswith("flood:"):
+                        size = int(msg.data.split(":")[1])
+                        flood = asyncio.get_running_loop().create_task(
+                            self._flood(ws, session, size)
+                        )
+                    else:
+                        await self._ws_text(ws, session, msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    session.events.append(("binary", msg.data))
+                    await ws.send_bytes(msg.data)  # echo
+                elif msg.type is WSMsgType.PING:
+                    session.events.append(("ping", msg.data))
+                    await ws.pong(msg.data)
+                elif msg.type is WSMsgType.PONG:
+                    session.events.append(("pong", msg.data))
+                else:
+                    if msg.type is WSMsgType.CLOSE:
+                        session.close_code = int(msg.data)
+                    break
+        finally:
+            if flood is not None:
+                flood.cancel()
+            session.closed.set()
+        return ws
+
+    async def _ws_text(self, ws: web.WebSocketResponse, session: WsSession, text: str) -> None:
+        """Commands (``close:CODE:REASON``, ``ping:DATA``), subscriptions, or an echo."""
+        if text.startswith("close:"):
+            _, code, reason = text.split(":", 2)
+            await ws.close(code=int(code), message=reason.encode())
+            return
+        if text.startswith("ping:"):
+            await ws.ping(text[5:].encode())
+            return
+        try:
+            message = json.loads(text)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict) or message.get("type") not in ("subscribe", "unsubscribe"):
+            await ws.send_str(text)  # echo, byte for byte
+            return
+        token = message.get("jwt")
+        if isinstance(token, str):
+            try:
+                header, claims = self._verify_token(token, None)
+            except Unauthorized as exc:
+                self.rejections.append(str(exc))
+                await ws.send_json({"type": "error", "message": f"authentication failure: {exc}"})
+                return
+            session.verified.append((header, claims))
+        elif message.get("channel") in WS_AUTH_CHANNELS:
+            await ws.send_json({"type": "error", "message": "authentication failure: no jwt"})
+            return
+        await ws.send_json(
+            {"type": "subscriptions", "received": message, "authenticated": isinstance(token, str)}
+        )
+
+    async def _flood(self, ws: web.WebSocketResponse, session: WsSession, size: int) -> None:
+        block = bytes(range(256)) * (size // 256)
+        try:
+            while not ws.closed and session.flood_sent < FLOOD_CAP:
+                await ws.send_bytes(block)
+                session.flood_sent += len(block)
+        except (ConnectionError, RuntimeError):
+            pass
+
+
+def _onramp_problem(data: Any) -> str | None:
+    """What Coinbase would refuse in a session-token request body, or None."""
+    if not isinstance(data, dict):
+        return "body must be a JSON object"
+    unknown = set(data) - {"addresses", "assets", "clientIp"}
+    if unknown:
+        return f"unknown fields {sorted(unknown)}"
+    addresses = data.get("addresses")
+    if not isinstance(addresses, list) or not addresses:
+        return "addresses is required"
+    for entry in addresses:
+        if not isinstance(entry, dict) or set(entry) != {"address", "blockchains"}:
+            return "each address needs exactly address and blockchains"
+        chains = entry["blockchains"]
+        if not isinstance(entry["address"], str) or not isinstance(chains, list) or not chains:
+            return "address must be a string and blockchains a non-empty list"
+        if not EVM_ADDRESS.fullmatch(entry["address"]):
+            return f"{entry['address']} is not a valid address for {', '.join(chains)}"
+    assets = data.get("assets", [])
+    if not isinstance(assets, list) or not all(isinstance(a, str) for a in assets):
+        return "assets must be a list of strings"
+    if "clientIp" in data and not isinstance(data["clientIp"], str):
+        return "clientIp must be a string"
+    return None

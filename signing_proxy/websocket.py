@@ -1,0 +1,440 @@
+"""WebSocket relay (Advanced Trade): one client socket ↔ one upstream socket, JWTs put in messages.
+
+An upgrade on a route is relayed to the route's upstream over TLS (its ``url`` and ``ca_file``;
+the upstream sees its own name as Host). When the route has a CDP credential, every client→upstream
+JSON text message whose ``type`` is ``subscribe`` or ``unsubscribe`` gets a fresh ``jwt``: the REST
+header and claims without ``uri`` (COINBASE_AUTH.md §2), replacing any jwt the client sent.
+Everything else (other text, binary, pings, pongs, close codes) passes unchanged both ways.
+
+Each direction is a reader and a writer around a queue. The reader never waits: when the queue
+towards a side outgrows its limits, that side is too slow, and both sockets are closed with 1013
+(Try Again Later) instead of buffering without bound. A close frame from either side is passed on,
+with its code and reason, after the messages queued before it; a connection that drops without one
+closes the other side with 1001 (client gone) or 1014 (upstream gone). ``close_all()`` ends every
+relay with 1001 (Going Away) when the proxy stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
+from prometheus_client import Counter
+from yarl import URL
+
+from .credentials import CredentialStore
+from .errors import RequestRejected, SigningError, UpstreamError
+from .metrics import ProxyMetrics, close_code_label
+from .relay import Exchange, UpstreamEndpoint, filter_request_headers, translate_client_error
+from .routing import Target
+from .signers import CdpJwtSigner, Signer
+
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "MAX_MESSAGE_BYTES",
+    "QueueLimits",
+    "WebSocketRelay",
+    "inject_jwt",
+    "is_websocket_upgrade",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024  # level2 snapshots run to megabytes; 1009 above this
+CLOSE_TIMEOUT: Final = 5.0  # seconds a closing side gets to flush and answer the close
+_SIGNED_TYPES: Final = frozenset({"subscribe", "unsubscribe"})
+# aiohttp makes its own handshake upstream; the client's subprotocols are passed as `protocols`.
+_HANDSHAKE_HEADERS: Final = (
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol",
+)
+# Codes a close frame cannot carry (RFC 6455 §7.4.1), and what is sent on in their place.
+_UNSENDABLE: Final = {0: WSCloseCode.OK, 1005: WSCloseCode.OK, 1006: WSCloseCode.INTERNAL_ERROR,
+                      1015: WSCloseCode.INTERNAL_ERROR}  # fmt: skip
+_CLIENT_GONE: Final = WSCloseCode.GOING_AWAY
+_UPSTREAM_GONE: Final = WSCloseCode.BAD_GATEWAY
+_TOO_SLOW: Final = WSCloseCode.TRY_AGAIN_LATER
+_LOST: Final = WSCloseCode.ABNORMAL_CLOSURE  # what metrics call a connection that just dropped
+
+_Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+    return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+def inject_jwt(text: str, mint: Callable[[], str]) -> str | None:
+    """``text`` with ``jwt`` set to ``mint()`` if it is a JSON subscribe/unsubscribe object.
+
+    None means "send the message as it is": not JSON, not an object, or another ``type``.
+    """
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(message, dict) or message.get("type") not in _SIGNED_TYPES:
+        return None
+    message["jwt"] = mint()
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """What one direction may hold for a side that reads slower than the other side sends.
+
+    A queue that is empty always takes one message (up to MAX_MESSAGE_BYTES), so the bound per
+    direction is max(bytes, MAX_MESSAGE_BYTES) plus the socket buffers.
+    """
+
+    messages: int = 4096
+    bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    """Queued after the last message for a side: close it with ``code``, then end the relay."""
+
+    code: int  # sent to the side the queue leads to
+    reason: str
+    ended_with: int  # for metrics: the received code, or 1006 when the connection dropped
+    error: str | None = None
+
+
+class _Queue:
+    """One direction's messages, counted in messages and bytes."""
+
+    def __init__(self, limits: QueueLimits):
+        self.limits = limits
+        self.items: asyncio.Queue[tuple[WSMessage | _Close, int]] = asyncio.Queue()
+        self.size = 0
+        self.peak_size = 0
+        self.peak_count = 0
+
+    def offer(self, msg: WSMessage, size: int) -> bool:
+        """Queue ``msg`` unless that would pass the limits; never waits."""
+        count = self.items.qsize()
+        if count and (count >= self.limits.messages or self.size + size > self.limits.bytes):
+            return False
+        self.items.put_nowait((msg, size))
+        self.size += size
+        self.peak_size = max(self.peak_size, self.size)
+        self.peak_count = max(self.peak_count, count + 1)
+        return True
+
+    def close(self, item: _Close) -> None:
+        self.items.put_nowait((item, 0))
+
+
+async def _close(ws: _Socket, code: int, reason: str) -> bool:
+    """Close ``ws`` with ``code``; False when it could not be done cleanly within CLOSE_TIMEOUT."""
+    if ws.closed:
+        return True
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await ws.close(code=code, message=reason.encode()[:123])
+    except (TimeoutError, ConnectionError, aiohttp.ClientError):
+        return False
+    except asyncio.CancelledError:
+        # aiohttp shares one drain future between everything waiting on a paused transport; if
+        # another waiter was cancelled, close() sees that cancellation although we were not.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        return False
+    return True
+
+
+class _Bridge:
+    """One relayed connection: four tasks (a reader and a writer per direction) until it ends."""
+
+    def __init__(
+        self,
+        relay: WebSocketRelay,
+        request: web.BaseRequest,
+        client: web.WebSocketResponse,
+        upstream: aiohttp.ClientWebSocketResponse,
+        credential: str | None,
+    ):
+        self.relay = relay
+        self.request = request
+        self.client = client
+        self.upstream = upstream
+        self.credential = credential
+        self.to_upstream = _Queue(relay.limits)
+        self.to_client = _Queue(relay.limits)
+        self.done = asyncio.Event()
+        self.finished = asyncio.Event()  # both sockets closed, the relay counted
+        self.code: int = WSCloseCode.OK
+        self.reason = ""
+        self.error: str | None = None
+        self.bytes_out = 0
+        self._closing = False  # a close is under way: readers seeing their socket end stay quiet
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def end(self, code: int, reason: str, error: str | None = None) -> None:
+        """End the relay; the first reason given wins."""
+        if self.done.is_set():
+            return
+        self._closing = True
+        self.code, self.reason, self.error = code, reason, error
+        self.done.set()
+
+    async def run(self) -> None:
+        metrics = self.relay.metrics
+        readers = [
+            self._task(self._read(self.client, self.to_upstream, from_client=True)),
+            self._task(self._read(self.upstream, self.to_client, from_client=False)),
+        ]
+        writers = [
+            self._task(
+                self._write(
+                    self.to_upstream, self.upstream, metrics.ws_messages.labels("to_upstream")
+                )
+            ),
+            self._task(
+                self._write(self.to_client, self.client, metrics.ws_messages.labels("to_client"))
+            ),
+        ]
+        try:
+            await self.done.wait()
+        finally:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            # Close first: that wakes a reader waiting in receive() (with CLOSING) and makes a
+            # writer's next send fail. Writers are cancelled only then, because cancelling one
+            # that waits for a drain would cancel the drain close() waits for too.
+            code = _UNSENDABLE.get(self.code, self.code)
+            _, client_ok = await asyncio.gather(
+                _close(self.upstream, code, self.reason), _close(self.client, code, self.reason)
+            )
+            if not client_ok and self.request.transport is not None:
+                self.request.transport.abort()  # a client that reads nothing keeps no buffers
+            for task in writers:
+                task.cancel()
+            await asyncio.gather(*writers, *readers, return_exceptions=True)
+            for queue in (self.to_upstream, self.to_client):
+                self.relay.peak_queued_bytes = max(self.relay.peak_queued_bytes, queue.peak_size)
+                self.relay.peak_queued_messages = max(
+                    self.relay.peak_queued_messages, queue.peak_count
+                )
+
+    def _task(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception as exc:  # a bug must end this relay, not leave it hanging
+                log.error(
+                    "websocket relay failed",
+                    extra={"fields": {"exc_type": type(exc).__name__}},
+                )
+                self.end(WSCloseCode.INTERNAL_ERROR, "proxy error", "internal_error")
+
+        return asyncio.get_running_loop().create_task(guarded())
+
+    def _mint(self) -> str:
+        assert self.credential is not None
+        # Asked per message, so a key rotated while the socket is open is used from then on.
+        signer = self.relay.credentials.signer(self.credential)
+        if not isinstance(signer, CdpJwtSigner):
+            raise SigningError(f"credential '{self.credential}' is not a CDP key")
+        token = signer.token(None)
+        self.relay.metrics.ws_jwts.labels(self.credential).inc()
+        self.relay.metrics.tokens.labels(self.credential, signer.scheme).inc()
+        return token
+
+    async def _read(self, source: _Socket, queue: _Queue, *, from_client: bool) -> None:
+        sign = from_client and self.credential is not None
+        while True:
+            msg = await source.receive()
+            if msg.type is WSMsgType.TEXT:
+                if sign and (signed := inject_jwt(msg.data, self._mint)) is not None:
+                    msg = WSMessage(WSMsgType.TEXT, signed, None)
+                size = len(msg.data)
+            elif msg.type in (WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG):
+                size = len(msg.data)
+            elif msg.type is WSMsgType.CLOSE:
+                code, reason = int(msg.data), msg.extra or ""
+                self._close_after_queue(queue, _Close(_UNSENDABLE.get(code, code), reason, code))
+                return
+            else:  # CLOSING (our own close() woke us), CLOSED or ERROR (the connection is gone)
+                if not self._closing:
+                    gone = (
+                        _Close(_CLIENT_GONE, "client went away", _LOST, "client_disconnected")
+                        if from_client
+                        else _Close(_UPSTREAM_GONE, "upstream went away", _LOST,
+                                    "upstream_connection_reset")
+                    )  # fmt: skip
+                    self._close_after_queue(queue, gone)
+                return
+            if not queue.offer(msg, size):
+                slow = "upstream" if from_client else "client"
+                self.end(_TOO_SLOW, f"{slow} too slow", f"websocket_{slow}_too_slow")
+                return
+
+    def _close_after_queue(self, queue: _Queue, close: _Close) -> None:
+        """Let the other side get what was queued before the close, within CLOSE_TIMEOUT."""
+        self._closing = True
+        queue.close(close)
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().call_later(
+                CLOSE_TIMEOUT, self.end, close.ended_with, close.reason, close.error
+            )
+
+    async def _write(self, queue: _Queue, dest: _Socket, relayed: Counter) -> None:
+        to_client = dest is self.client
+        while True:
+            item, size = await queue.items.get()
+            if isinstance(item, _Close):
+                await _close(dest, item.code, item.reason)
+                self.end(item.ended_with, item.reason, item.error)
+                return
+            queue.size -= size
+            try:
+                if item.type is WSMsgType.TEXT:
+                    await dest.send_str(item.data)
+                elif item.type is WSMsgType.BINARY:
+                    await dest.send_bytes(item.data)
+                elif item.type is WSMsgType.PING:
+                    await dest.ping(item.data)
+                else:
+                    await dest.pong(item.data)
+            except (ConnectionError, aiohttp.ClientError):
+                side = "client" if to_client else "upstream"
+                error = "client_disconnected" if to_client else "upstream_connection_reset"
+                self.end(_LOST, f"{side} went away", error)
+                return
+            if item.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                relayed.inc()
+            if to_client:
+                self.bytes_out += size
+
+
+class WebSocketRelay:
+    """Relays WebSocket upgrades; keeps the open relays so ``close_all()`` can end them."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        endpoints: Mapping[str, UpstreamEndpoint],
+        credentials: CredentialStore,
+        metrics: ProxyMetrics,
+        *,
+        limits: QueueLimits | None = None,
+    ):
+        self.session = session
+        self.endpoints = endpoints
+        self.credentials = credentials
+        self.metrics = metrics
+        self.limits = limits or QueueLimits()
+        self.peak_queued_bytes = 0  # high-water marks over all relays: the limits at work
+        self.peak_queued_messages = 0
+        self._open: set[_Bridge] = set()
+        self._stopping = False
+
+    async def relay(
+        self, request: web.BaseRequest, target: Target, signer: Signer | None, ex: Exchange
+    ) -> web.StreamResponse:
+        if self._stopping:
+            raise RequestRejected(
+                "the proxy is shutting down; reconnect", code="shutting_down", status=503
+            )
+        if signer is not None and not isinstance(signer, CdpJwtSigner):
+            # Advanced Trade WebSocket channels authenticate with CDP key JWTs only (COINBASE_AUTH §2).
+            raise RequestRejected(
+                f"credential '{target.credential}' is a legacy HMAC key, which cannot sign "
+                "WebSocket subscriptions; give this route a CDP credential, or none for public "
+                "channels",
+                code="websocket_needs_cdp_key",
+            )
+        if not web.WebSocketResponse().can_prepare(request).ok:
+            raise RequestRejected(
+                "not a valid WebSocket upgrade (needs Connection: Upgrade, Sec-WebSocket-Key and "
+                "Sec-WebSocket-Version: 13)",
+                code="bad_websocket_upgrade",
+            )
+        upstream = await self._connect(request, target, ex)
+        client = web.WebSocketResponse(
+            protocols=(upstream.protocol,) if upstream.protocol else (),
+            autoclose=False,  # close frames are relayed, code and all
+            autoping=False,  # pings and pongs are relayed too
+            max_msg_size=MAX_MESSAGE_BYTES,
+            timeout=CLOSE_TIMEOUT,
+        )
+        client.headers["X-Request-Id"] = ex.request_id
+        try:
+            await client.prepare(request)
+        except BaseException:
+            await _close(upstream, _CLIENT_GONE, "client went away")
+            raise
+        ex.status = client.status
+        credential = target.credential if signer is not None else None
+        bridge = _Bridge(self, request, client, upstream, credential)
+        self._open.add(bridge)
+        self.metrics.ws_connections.inc()
+        try:
+            await bridge.run()
+        finally:
+            self._open.discard(bridge)
+            self.metrics.ws_connections.dec()
+            self.metrics.ws_closes.labels(close_code_label(bridge.code)).inc()
+            ex.error, ex.bytes_out = bridge.error, bridge.bytes_out
+            bridge.finished.set()
+        return client
+
+    async def close_all(self, code: int = WSCloseCode.GOING_AWAY) -> None:
+        """Refuse new upgrades, end every open relay with ``code`` and wait for them to close."""
+        self._stopping = True
+        bridges = list(self._open)
+        for bridge in bridges:
+            bridge.end(code, "proxy shutting down")
+        if bridges:  # each closes both sides within CLOSE_TIMEOUT; the margin covers the rest
+            waits = (bridge.finished.wait() for bridge in bridges)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+                    await asyncio.gather(*waits)
+
+    async def _connect(
+        self, request: web.BaseRequest, target: Target, ex: Exchange
+    ) -> aiohttp.ClientWebSocketResponse:
+        host = target.upstream.name
+        endpoint = self.endpoints[host]
+        headers = filter_request_headers(request.headers, host)  # Host: the upstream's name
+        for name in _HANDSHAKE_HEADERS:
+            headers.popall(name, None)
+        offered = request.headers.get("Sec-WebSocket-Protocol", "")
+        protocols = [p.strip() for p in offered.split(",") if p.strip()]
+        raw = endpoint.origin + target.path + ("?" + target.query if target.query else "")
+        timeout = endpoint.config.timeout
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                upstream = await self.session.ws_connect(
+                    URL(raw, encoded=True),
+                    headers=headers,
+                    protocols=protocols,
+                    ssl=endpoint.ssl,
+                    autoclose=False,
+                    autoping=False,
+                    max_msg_size=MAX_MESSAGE_BYTES,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise UpstreamError(
+                f"{host} refused the WebSocket upgrade (HTTP {exc.status})",
+                code="upstream_websocket_refused",
+            ) from None
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+            raise translate_client_error(exc, host, timeout) from None
+        ex.upstream_seconds = time.perf_counter() - started
+        return upstream
