@@ -128,6 +128,7 @@ class ProxyMetrics:
         self._durations: dict[tuple[str, str], Any] = {}
         self._tokens: dict[tuple[str, str], Any] = {}
         self._signing: dict[str, Any] = {}
+        self._upstreams: dict[str, Any] = {}
 
     def count_request(
         self, upstream: str, method: str, route: str, status: int, seconds: float
@@ -152,4 +153,10 @@ class ProxyMetrics:
         histogram = self._signing.get(scheme)
         if histogram is None:
             histogram = self._signing[scheme] = self.signing_duration.labels(scheme)
+        histogram.observe(seconds)
+
+    def observe_upstream(self, upstream: str, seconds: float) -> None:
+        histogram = self._upstreams.get(upstream)
+        if histogram is None:
+            histogram = self._upstreams[upstream] = self.upstream_duration.labels(upstream)
         histogram.observe(seconds)

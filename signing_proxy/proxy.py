@@ -125,9 +125,7 @@ class ProxyHandler:
                     response = await self.relay.forward(request, target, signer, ex)
                     if signer is not None and credential is not None:
                         self.metrics.count_signature(credential, signer.scheme, ex.sign_seconds)
-                self.metrics.upstream_duration.labels(target.upstream.name).observe(
-                    ex.upstream_seconds
-                )
+                self.metrics.observe_upstream(target.upstream.name, ex.upstream_seconds)
         except ProxyError as exc:
             ex.status, ex.error = exc.status, exc.code
             response = error_response(exc, request_id)

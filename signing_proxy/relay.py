@@ -171,6 +171,7 @@ def create_session() -> aiohttp.ClientSession:
         auto_decompress=False,  # bodies pass through untouched
         cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
         trust_env=False,  # the config's url: is the only way to reach an upstream
+        skip_auto_headers=_NO_AUTO_HEADERS,
         timeout=aiohttp.ClientTimeout(total=None),
     )
 
@@ -254,7 +255,6 @@ class Relay:
                 allow_redirects=False,
                 ssl=endpoint.ssl,
                 timeout=endpoint.timeout,
-                skip_auto_headers=_NO_AUTO_HEADERS,
             )
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
             raise translate_client_error(exc, host, timeout) from None

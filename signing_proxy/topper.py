@@ -21,10 +21,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final, Literal
 from urllib.parse import urlencode
 
-import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
-from jwt.algorithms import ECAlgorithm
 
 # _Reader gives these fields the same checks and the same file-and-field messages as the rest.
 from .config import Config, SecretSource, _Reader
@@ -159,6 +157,9 @@ def parse_topper_key(text: str, source: str) -> ec.EllipticCurvePrivateKey:
             f'{source}: this JWK is a public key (no "d"); give the private key, and send '
             "Topper the public one"
         )
+    import jwt  # PyJWT loads only when Topper is used (~1.2 MiB a proxy without it does not pay)
+    from jwt.algorithms import ECAlgorithm
+
     try:
         parsed = ECAlgorithm.from_jwk(jwk)
     except (jwt.PyJWTError, ValueError, TypeError):
@@ -178,6 +179,8 @@ def load_topper_key(settings: TopperSettings) -> ec.EllipticCurvePrivateKey:
 
 def generate_keypair() -> dict[str, dict[str, str]]:
     """A new P-256 key pair as JWKs: keep ``privateKey``, send ``publicKey`` to Topper."""
+    from jwt.algorithms import ECAlgorithm
+
     key = ec.generate_private_key(ec.SECP256R1())
     return {
         "privateKey": ECAlgorithm.to_jwk(key, as_dict=True),
@@ -245,12 +248,15 @@ class BootstrapSigner:
         self._key = key
         self._clock = clock
         self._headers = {"typ": "JWT", "kid": settings.key_id}
+        import jwt
+
+        self._encode = jwt.encode
 
     def mint(self, flow: Any) -> BootstrapToken:
         claims = validate_flow(flow, self.settings.flow)
         jti = str(uuid.uuid4())
         claims.update(iat=int(self._clock()), jti=jti, sub=self.settings.widget_id)
-        token = jwt.encode(claims, self._key, algorithm=ALGORITHM, headers=self._headers)
+        token = self._encode(claims, self._key, algorithm=ALGORITHM, headers=self._headers)
         return BootstrapToken(token, f"{self.settings.start_url}?{urlencode({'bt': token})}", jti)
 
 

@@ -535,6 +535,7 @@ async def test_access_log_line_per_request_and_no_secrets_anywhere(
         _, _, _, raw = await fetch(client, method, url, **kw)
         bodies.append(raw)
     _, _, _, metrics = await fetch(client, "GET", f"{admin(proxy)}/metrics", headers=IDENTITY)
+    await asyncio.sleep(0.3)  # lines are buffered, written within AccessLog.FLUSH_SECONDS
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(lines) == 7
     first = lines[0]

@@ -1,0 +1,65 @@
+"""The access log: buffered, flushed on time, on size and at shutdown; the same shape as other lines."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+
+from signing_proxy.logs import AccessLog, JsonFormatter
+
+FIELDS = {"request_id": "r1", "status": 200, "route": "/api/v3/{id}", "error": None}
+
+
+async def test_lines_are_buffered_then_written_within_flush_seconds() -> None:
+    stream = io.StringIO()
+    log = AccessLog("json", stream)
+    log(FIELDS)
+    log({**FIELDS, "request_id": "r2"})
+    assert stream.getvalue() == ""  # nothing written per request
+    await asyncio.sleep(AccessLog.FLUSH_SECONDS * 3)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["request_id"] for line in lines] == ["r1", "r2"]
+    assert lines[0]["logger"] == "signing_proxy.access" and lines[0]["level"] == "info"
+    assert lines[0]["status"] == 200 and lines[0]["error"] is None and lines[0]["ts"].endswith("Z")
+
+
+async def test_full_buffer_is_written_at_once_and_flush_writes_the_rest() -> None:
+    stream = io.StringIO()
+    log = AccessLog("json", stream)
+    for i in range(AccessLog.FLUSH_LINES + 3):
+        log({**FIELDS, "request_id": str(i)})
+    assert len(stream.getvalue().splitlines()) == AccessLog.FLUSH_LINES
+    log.flush()  # what shutdown does
+    assert len(stream.getvalue().splitlines()) == AccessLog.FLUSH_LINES + 3
+
+
+def test_without_a_loop_lines_are_written_at_once() -> None:
+    stream = io.StringIO()
+    AccessLog("text", stream)(FIELDS)
+    line = stream.getvalue()
+    assert " INFO    signing_proxy.access: request request_id=r1 status=200 " in line
+
+
+def test_json_shape_matches_the_formatter() -> None:
+    stream = io.StringIO()
+    AccessLog("json", stream)(FIELDS)
+    ours = json.loads(stream.getvalue())
+    record = logging.LogRecord(
+        "signing_proxy.access", logging.INFO, __file__, 1, "request", None, None
+    )
+    record.fields = FIELDS
+    theirs = json.loads(JsonFormatter().format(record))
+    assert list(ours) == list(theirs)
+    assert {k: v for k, v in ours.items() if k != "ts"} == {
+        k: v for k, v in theirs.items() if k != "ts"
+    }
+
+
+def test_broken_stream_does_not_raise() -> None:
+    stream = io.StringIO()
+    stream.close()
+    log = AccessLog("json", stream)
+    log(FIELDS)
+    log.flush()
