@@ -33,10 +33,19 @@ class CdpSign:
     def request(self, flow: http.HTTPFlow) -> None:
         now = int(time.time())
         path = flow.request.path.split("?", 1)[0]
-        claims = {"sub": self.key_name, "iss": "cdp", "nbf": now, "exp": now + 120,
-                  "uri": f"{flow.request.method} {HOST}{path}"}
-        token = jwt.encode(claims, self.key, algorithm="ES256",
-                           headers={"kid": self.key_name, "nonce": secrets.token_hex()})
+        claims = {
+            "sub": self.key_name,
+            "iss": "cdp",
+            "nbf": now,
+            "exp": now + 120,
+            "uri": f"{flow.request.method} {HOST}{path}",
+        }
+        token = jwt.encode(
+            claims,
+            self.key,
+            algorithm="ES256",
+            headers={"kid": self.key_name, "nonce": secrets.token_hex()},
+        )
         flow.request.headers["Authorization"] = f"Bearer {token}"
 
 

@@ -31,15 +31,24 @@ async def make_session(app: web.Application):
 
 async def handle(request: web.Request) -> web.Response:
     now = int(time.time())
-    claims = {"sub": KEY_NAME, "iss": "cdp", "nbf": now, "exp": now + 120,
-              "uri": f"{request.method} api.coinbase.com{request.path}"}
-    token = jwt.encode(claims, KEY, algorithm="ES256",
-                       headers={"kid": KEY_NAME, "nonce": secrets.token_hex()})
+    claims = {
+        "sub": KEY_NAME,
+        "iss": "cdp",
+        "nbf": now,
+        "exp": now + 120,
+        "uri": f"{request.method} api.coinbase.com{request.path}",
+    }
+    token = jwt.encode(
+        claims, KEY, algorithm="ES256", headers={"kid": KEY_NAME, "nonce": secrets.token_hex()}
+    )
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
     headers["Authorization"] = f"Bearer {token}"
     async with request.app["session"].request(
-        request.method, upstream + request.path_qs, headers=headers,
-        data=await request.read(), allow_redirects=False,
+        request.method,
+        upstream + request.path_qs,
+        headers=headers,
+        data=await request.read(),
+        allow_redirects=False,
     ) as resp:
         body = await resp.read()
         out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP}

@@ -23,8 +23,9 @@ import secrets
 import sys
 import time
 import timeit
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import hashes, serialization
@@ -77,16 +78,23 @@ def jwt_cases(alg: str) -> tuple[dict[str, Callable[[], Any]], dict[str, str], d
     """Callables per implementation, plus a validity check and any errors."""
     if alg == "ES256":
         key: Any = ec.generate_private_key(ec.SECP256R1())
-        secret = key.private_bytes(serialization.Encoding.PEM,
-                                   serialization.PrivateFormat.TraditionalOpenSSL,
-                                   serialization.NoEncryption()).decode()
+        secret = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        ).decode()
         msg = signing_input(alg)
         floor = lambda: key.sign(msg, ec.ECDSA(hashes.SHA256()))  # noqa: E731
     else:
         key = ed25519.Ed25519PrivateKey.generate()
-        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
-        pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        seed = key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        pub = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
         secret = base64.b64encode(seed + pub).decode()  # the CDP portal's Ed25519 secret format
         msg = signing_input(alg)
         floor = lambda: key.sign(msg)  # noqa: E731
@@ -97,8 +105,12 @@ def jwt_cases(alg: str) -> tuple[dict[str, Callable[[], Any]], dict[str, str], d
 
     def pyjwt_encode() -> str:
         now = int(time.time())
-        return jwt.encode({"sub": KEY_NAME, "iss": "cdp", "nbf": now, "exp": now + 120, "uri": URI},
-                          key, algorithm=alg, headers={"kid": KEY_NAME, "nonce": secrets.token_hex()})
+        return jwt.encode(
+            {"sub": KEY_NAME, "iss": "cdp", "nbf": now, "exp": now + 120, "uri": URI},
+            key,
+            algorithm=alg,
+            headers={"kid": KEY_NAME, "nonce": secrets.token_hex()},
+        )
 
     cases["PyJWT jwt.encode (cached key)"] = pyjwt_encode
 
@@ -106,16 +118,22 @@ def jwt_cases(alg: str) -> tuple[dict[str, Callable[[], Any]], dict[str, str], d
         from coinbase.jwt_generator import build_rest_jwt
 
         cases["coinbase-advanced-py build_rest_jwt"] = lambda: build_rest_jwt(URI, KEY_NAME, secret)
-    except Exception as e:  # noqa: BLE001 - reported, not fatal
+    except Exception as e:
         errors["coinbase-advanced-py build_rest_jwt"] = f"not importable: {e}"
 
     try:
         from cdp.auth import JwtOptions, generate_jwt
 
-        cases["cdp-sdk generate_jwt"] = lambda: generate_jwt(JwtOptions(
-            api_key_id=KEY_NAME, api_key_secret=secret,
-            request_method="GET", request_host=HOST, request_path=PATH))
-    except Exception as e:  # noqa: BLE001
+        cases["cdp-sdk generate_jwt"] = lambda: generate_jwt(
+            JwtOptions(
+                api_key_id=KEY_NAME,
+                api_key_secret=secret,
+                request_method="GET",
+                request_host=HOST,
+                request_path=PATH,
+            )
+        )
+    except Exception as e:
         errors["cdp-sdk generate_jwt"] = f"not importable: {e}"
 
     try:
@@ -126,7 +144,7 @@ def jwt_cases(alg: str) -> tuple[dict[str, Callable[[], Any]], dict[str, str], d
         token = out["Authorization"].removeprefix("Bearer ")
         checks["signing-proxy CdpJwtSigner.sign"] = verify_jwt(token, public, alg)
         cases["signing-proxy CdpJwtSigner.sign"] = lambda: signer.sign("GET", HOST, PATH, "", b"")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         errors["signing-proxy CdpJwtSigner.sign"] = f"{type(e).__name__}: {e}"
 
     for name in ("PyJWT jwt.encode (cached key)", "coinbase-advanced-py build_rest_jwt"):
@@ -140,7 +158,9 @@ def hmac_cases() -> tuple[dict[str, Callable[[], Any]], dict[str, str], dict[str
     secret_bytes = api_secret.encode()
     msg = f"{int(time.time())}GET{PATH}".encode()
     cases: dict[str, Callable[[], Any]] = {
-        "floor (hmac.new(...).hexdigest())": lambda: hmac.new(secret_bytes, msg, hashlib.sha256).hexdigest(),
+        "floor (hmac.new(...).hexdigest())": lambda: hmac.new(
+            secret_bytes, msg, hashlib.sha256
+        ).hexdigest(),
     }
     checks: dict[str, str] = {}
     errors: dict[str, str] = {}
@@ -150,40 +170,52 @@ def hmac_cases() -> tuple[dict[str, Callable[[], Any]], dict[str, str], dict[str
         signer = HmacSigner(api_key, api_secret, clock=lambda: 1700000000.0)
         out = {k.lower(): v for k, v in signer.sign("GET", HOST, PATH, "", b"").items()}
         want = hmac.new(secret_bytes, f"1700000000GET{PATH}".encode(), hashlib.sha256).hexdigest()
-        checks["signing-proxy HmacSigner.sign"] = "ok" if (
-            out.get("cb-access-sign") == want and out.get("cb-access-key") == api_key
-            and out.get("cb-access-timestamp") == "1700000000") else f"BAD: {out}"
+        checks["signing-proxy HmacSigner.sign"] = (
+            "ok"
+            if (
+                out.get("cb-access-sign") == want
+                and out.get("cb-access-key") == api_key
+                and out.get("cb-access-timestamp") == "1700000000"
+            )
+            else f"BAD: {out}"
+        )
         live = HmacSigner(api_key, api_secret)
         cases["signing-proxy HmacSigner.sign"] = lambda: live.sign("GET", HOST, PATH, "", b"")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         errors["signing-proxy HmacSigner.sign"] = f"{type(e).__name__}: {e}"
     return cases, checks, errors
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="shorter loops (about 4x faster)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
     budget, repeats = (0.08, 3) if args.quick else (0.25, 5)
 
     results: dict[str, Any] = {"schemes": {}}
-    for scheme, builder in (("ES256", lambda: jwt_cases("ES256")),
-                            ("EdDSA", lambda: jwt_cases("EdDSA")),
-                            ("HMAC-SHA256", hmac_cases)):
+    for scheme, builder in (
+        ("ES256", lambda: jwt_cases("ES256")),
+        ("EdDSA", lambda: jwt_cases("EdDSA")),
+        ("HMAC-SHA256", hmac_cases),
+    ):
         cases, checks, errors = builder()
         rows = {}
         for name, fn in cases.items():
             try:
                 rows[name] = {"us": measure(fn, budget, repeats), "check": checks.get(name, "")}
-            except Exception as e:  # noqa: BLE001 - e.g. a library that rejects this key type
+            except Exception as e:
                 errors[name] = f"{type(e).__name__}: {e}"
         floor = next(v["us"] for k, v in rows.items() if k.startswith("floor"))
         for row in rows.values():
             row["x_floor"] = row["us"] / floor
         results["schemes"][scheme] = {"rows": rows, "errors": errors}
         for name, row in rows.items():
-            print(f"{scheme:12} {name:40} {row['us']:9.2f} us  {row['x_floor']:5.2f}x floor  {row['check']}")
+            print(
+                f"{scheme:12} {name:40} {row['us']:9.2f} us  {row['x_floor']:5.2f}x floor  {row['check']}"
+            )
         for name, err in errors.items():
             print(f"{scheme:12} {name:40} unavailable: {err}")
     if args.json:
