@@ -11,9 +11,11 @@ stops accepting, in-flight requests get up to ``drain_timeout`` to finish, then 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +26,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .config import Config
-from .credentials import CredentialStore, read_secret
-from .errors import JSON_CONTENT_TYPE
+from .credentials import Credential, CredentialStore, CredentialWatcher, read_secret
+from .errors import JSON_CONTENT_TYPE, CredentialError
 from .metrics import ProxyMetrics
 from .proxy import ProxyHandler
 from .relay import Relay, UpstreamEndpoint, create_session
@@ -63,14 +65,51 @@ def _json(data: dict[str, Any], status: int = 200) -> web.Response:
 async def _relay_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     session = create_session()
-    relay = Relay(session, state.endpoints, state.config.max_body_bytes)
-    token = read_secret(state.config.inbound_token) if state.config.inbound_token else None
-    state.handler = ProxyHandler(state.router, state.credentials, relay, state.metrics, token)
+    config = state.config
+    relay = Relay(session, state.endpoints, config.max_body_bytes, config.max_stream_body_bytes)
+    token = read_secret(config.inbound_token) if config.inbound_token else None
+    state.handler = ProxyHandler(
+        state.router, state.credentials, relay, state.metrics, token,
+        max_header_bytes=config.max_header_bytes,
+    )  # fmt: skip
     try:
         yield
     finally:
         state.handler = None
         await session.close()
+
+
+def _on_reload(state: ProxyState, cred: Credential, error: CredentialError | None) -> None:
+    metrics = state.metrics
+    metrics.credential_loaded.labels(cred.name).set(1 if cred.signer else 0)
+    if error is None and cred.info is not None:
+        metrics.credential_last_reload.labels(cred.name).set(time.time())
+        info = cred.info
+        log.info(
+            "credential reloaded: its key file changed",
+            extra={"fields": {"credential": info.name, "scheme": info.scheme,
+                              "key_id": info.key_id, "fingerprint": info.fingerprint}},
+        )  # fmt: skip
+    elif error is not None:
+        metrics.credential_reload_errors.labels(cred.name).inc()
+        keeping = "keeping the last good key" if cred.signer else "the credential stays unloaded"
+        log.error(
+            f"credential file changed but could not be loaded; {keeping}",
+            extra={"fields": {"credential": cred.name, "problem": error.message}},
+        )
+
+
+async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Key rotation without restart: poll the key files, reload what changed."""
+    state = app[STATE]
+    watcher = CredentialWatcher(state.credentials, lambda c, e: _on_reload(state, c, e))
+    task = asyncio.create_task(watcher.run(), name="credential-watcher")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def build_proxy_app(state: ProxyState) -> web.Application:
@@ -84,6 +123,7 @@ def build_proxy_app(state: ProxyState) -> web.Application:
     app = web.Application(middlewares=[entry], client_max_size=state.config.max_body_bytes)
     app[STATE] = state
     app.cleanup_ctx.append(_relay_ctx)
+    app.cleanup_ctx.append(_watch_ctx)
     return app
 
 
@@ -127,7 +167,9 @@ class ProxyServer:
         problems = self.state.credentials.load_all()
         for cred in self.state.credentials:
             self.metrics.credential_loaded.labels(cred.name).set(1 if cred.signer else 0)
+            self.metrics.credential_reload_errors.labels(cred.name)  # exported from 0
             if cred.info is not None:
+                self.metrics.credential_last_reload.labels(cred.name).set(time.time())
                 info = cred.info
                 log.info(
                     "credential loaded",
@@ -155,6 +197,11 @@ class ProxyServer:
                 access_log=None,  # ProxyHandler writes the access log
                 handle_signals=False,
                 shutdown_timeout=self.config.drain_timeout,
+                # A client that leaves cancels its request, and so the upstream request.
+                handler_cancellation=True,
+                # aiohttp has no separate header timeout: this bounds both the wait for a complete
+                # request head (slowloris) and idle keep-alive connections.
+                keepalive_timeout=self.config.header_timeout,
             )
             await runner.setup()
             self._runners.append(runner)

@@ -1,11 +1,14 @@
 """Where every request on the proxy listener enters: refuse, route, sign, relay, count, log.
 
-The flow is one straight line in ``ProxyHandler.__call__``; each step raises a ProxyError that is
-turned into the JSON error answer here, so no step has to know about HTTP error formatting.
+The flow is one straight line in ``ProxyHandler.__call__``: refuse CONNECT and bad framing,
+check the inbound token, route, apply policy and rate limit, sign, relay, then learn from the
+answer (clock skew, 401s). Each step raises a ProxyError that is turned into the JSON error answer
+here, so no step has to know about HTTP error formatting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -17,12 +20,16 @@ from typing import Final
 
 from aiohttp import web
 
+from .config import DEFAULT_MAX_HEADER_BYTES
 from .credentials import CredentialStore
+from .diagnostics import ClockSkewMonitor, UnauthorizedReporter
 from .errors import JSON_CONTENT_TYPE, ProxyError, RequestRejected
 from .logs import ACCESS_LOGGER
 from .metrics import ProxyMetrics, method_label, status_class
+from .ratelimit import TokenBucket
 from .relay import Exchange, Relay
 from .routing import Router, Target
+from .signers import Signer, hmac_request_path, jwt_uri
 
 __all__ = ["ProxyHandler", "error_response"]
 
@@ -44,7 +51,7 @@ def _frames(exc: BaseException) -> list[str]:
 def error_response(exc: ProxyError, request_id: str) -> web.Response:
     response = web.Response(
         status=exc.status, body=exc.body(), content_type=JSON_CONTENT_TYPE,
-        headers={"X-Request-Id": request_id},
+        headers={**exc.headers, "X-Request-Id": request_id},
     )  # fmt: skip
     if exc.code == "proxy_auth_required":
         response.headers["Proxy-Authenticate"] = 'Bearer realm="signing-proxy"'
@@ -59,12 +66,92 @@ class ProxyHandler:
         relay: Relay,
         metrics: ProxyMetrics,
         inbound_token: str | None = None,
+        *,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ):
         self.router = router
         self.credentials = credentials
         self.relay = relay
         self.metrics = metrics
         self._token = inbound_token.encode() if inbound_token else None
+        self.max_header_bytes = max_header_bytes
+        self.buckets = {
+            cred.name: TokenBucket(cred.config.rate_limit)
+            for cred in credentials
+            if cred.config.rate_limit is not None
+        }
+        self.skew = ClockSkewMonitor(metrics)
+        self.unauthorized = UnauthorizedReporter(metrics)
+
+    def _check_framing(self, request: web.Request) -> None:
+        """What aiohttp's parser lets through but a signing proxy should not forward."""
+        size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+        if size > self.max_header_bytes:
+            raise RequestRejected(
+                f"request headers total {size} bytes, over max_header_bytes ({self.max_header_bytes})",
+                code="headers_too_large",
+                status=431,
+            )
+        coding = request.headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # e.g. "gzip, chunked": aiohttp undoes only the chunking, so the bytes it hands over
+            # are not the body the client meant; forwarding them would change the request.
+            raise RequestRejected(
+                "only 'Transfer-Encoding: chunked' is supported",
+                code="unsupported_transfer_encoding",
+                status=501,
+            )
+
+    def _check_policy(self, request: web.Request, target: Target) -> None:
+        for policy in target.policies:
+            why = policy.denial(request.method, target.path)
+            if why is not None:
+                self.metrics.policy_denied.labels(target.credential or "-").inc()
+                raise RequestRejected(
+                    f"{request.method} {target.path[:200]} is not allowed through this proxy "
+                    f"({why}; credential {target.credential or 'none'})",
+                    code="policy_denied",
+                    status=403,
+                )
+
+    def _check_rate(self, credential: str | None) -> None:
+        bucket = self.buckets.get(credential) if credential else None
+        if bucket is None:
+            return
+        wait = bucket.acquire()
+        if wait > 0:
+            assert credential is not None
+            self.metrics.rate_limited.labels(credential).inc()
+            seconds = TokenBucket.retry_after(wait)
+            raise RequestRejected(
+                f"rate limit of credential {credential!r} reached "
+                f"({bucket.limit.rate:g}/s, burst {bucket.limit.burst}); retry in {seconds}s",
+                code="rate_limited",
+                status=429,
+                headers={"Retry-After": str(seconds)},
+            )
+
+    def _learn(
+        self, request: web.Request, target: Target, signer: Signer | None, ex: Exchange
+    ) -> None:
+        """What the upstream's answer says about our signing: clock skew, and 401s."""
+        upstream = target.upstream.name
+        self.skew.observe(upstream, ex.upstream_date)
+        if ex.status == 401 and signer is not None and target.credential is not None:
+            info = self.credentials[target.credential].info
+            signed = (
+                f"{request.method} {hmac_request_path(target.path, target.query)}"
+                if signer.scheme == "HMAC"
+                else jwt_uri(request.method, upstream, target.path)
+            )
+            self.unauthorized.report(
+                target.credential,
+                algorithm=signer.scheme,
+                key_id=info.key_id if info is not None else "?",
+                signed=signed[:512],
+                request_id=ex.request_id,
+                skew=self.skew.skew.get(upstream),
+            )
 
     def _check_inbound_auth(self, request: web.Request) -> None:
         if self._token is None:
@@ -98,13 +185,21 @@ class ProxyHandler:
                     code="connect_not_supported",
                     status=405,
                 )
+            self._check_framing(request)
             self._check_inbound_auth(request)
             target = self.router.resolve(request.raw_path)
             credential = target.credential
+            self._check_policy(request, target)
+            self._check_rate(credential)
             signer = self.credentials.signer(credential) if credential else None
-            response = await self.relay.forward(request, target, signer, ex)
+            try:
+                response = await self.relay.forward(request, target, signer, ex)
+            finally:
+                if ex.retries:
+                    self.metrics.retries.labels(target.upstream.name).inc(ex.retries)
+            self._learn(request, target, signer, ex)
             if signer is not None:
-                self.metrics.tokens.labels(credential, signer.scheme).inc()
+                self.metrics.tokens.labels(credential, signer.scheme).inc(1 + ex.retries)
                 self.metrics.signing_duration.labels(signer.scheme).observe(ex.sign_seconds)
             if target is not None:
                 self.metrics.upstream_duration.labels(target.upstream.name).observe(
@@ -113,6 +208,13 @@ class ProxyHandler:
         except ProxyError as exc:
             ex.status, ex.error = exc.status, exc.code
             response = error_response(exc, request_id)
+        except asyncio.CancelledError:  # the client went away (or shutdown ran out of time)
+            ex.status, ex.error = 499, "cancelled"
+            self.metrics.errors.labels(ex.error).inc()
+            self._account(
+                request, request_id, target, credential, ex, time.perf_counter() - started
+            )
+            raise
         except (
             Exception
         ) as exc:  # a bug: answer JSON, log the type only (no values that may hold secrets)
@@ -162,6 +264,7 @@ class ProxyHandler:
                         "status": ex.status,
                         "error": ex.error,
                         "bytes_out": ex.bytes_out,
+                        "retries": ex.retries,
                         "duration_ms": round(seconds * 1000, 3),
                         "upstream_ms": round(ex.upstream_seconds * 1000, 3),
                         "sign_ms": round(ex.sign_seconds * 1000, 3),
