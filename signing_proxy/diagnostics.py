@@ -72,9 +72,16 @@ class ClockSkewMonitor:
 class UnauthorizedReporter:
     """Counts upstream 401s per credential and explains them, once per credential per minute."""
 
-    def __init__(self, metrics: ProxyMetrics, *, interval: float = 60.0, maxsize: int = 1024):
+    def __init__(
+        self,
+        metrics: ProxyMetrics,
+        *,
+        interval: float = 60.0,
+        maxsize: int = 1024,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
         self._metrics = metrics
-        self._recent: TTLCache[str, bool] = TTLCache(maxsize=maxsize, ttl=interval)
+        self._recent: TTLCache[str, bool] = TTLCache(maxsize=maxsize, ttl=interval, timer=monotonic)
 
     def report(
         self,
