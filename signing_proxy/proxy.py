@@ -85,6 +85,11 @@ class ProxyHandler:
 
     def _check_framing(self, request: web.Request) -> None:
         """What aiohttp's parser lets through but a signing proxy should not forward."""
+        if request.version < (1, 0):
+            # aiohttp reads "GET /path" (no version) as HTTP/0.9; nothing legitimate sends that.
+            raise RequestRejected(
+                "HTTP/0.9 requests are not supported", code="http_version_not_supported", status=505
+            )
         size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
         if size > self.max_header_bytes:
             raise RequestRejected(
@@ -230,6 +235,9 @@ class ProxyHandler:
             self.metrics.in_flight.dec()
         if ex.error:
             self.metrics.errors.labels(ex.error).inc()
+            if not response.prepared and request.body_exists and not request.content.is_eof():
+                # Refused with its body unread: close rather than linger draining it.
+                response.force_close()
         self._account(request, request_id, target, credential, ex, time.perf_counter() - started)
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id

@@ -76,7 +76,7 @@ class VerifyingUpstream:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(context)
         app = web.Application(client_max_size=1024**3)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)  # any path, even %0a
         app.on_response_prepare.append(self._date)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
