@@ -28,6 +28,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from .config import Config
 from .credentials import Credential, CredentialStore, CredentialWatcher, read_secret
 from .errors import JSON_CONTENT_TYPE, CredentialError
+from .guard import reap_orphans
 from .metrics import ProxyMetrics
 from .proxy import ProxyHandler
 from .relay import Relay, UpstreamEndpoint, create_session
@@ -158,6 +159,7 @@ class ProxyServer:
         metrics = ProxyMetrics(registry or CollectorRegistry())
         self.state = ProxyState(config, credentials, metrics, Router(config))
         self._runners: list[web.AppRunner] = []
+        self._guards: list[asyncio.Task[None]] = []
 
     @property
     def metrics(self) -> ProxyMetrics:
@@ -205,6 +207,7 @@ class ProxyServer:
             )
             await runner.setup()
             self._runners.append(runner)
+            self._guards.append(asyncio.create_task(reap_orphans(runner)))
             await web.TCPSite(runner, address.host, address.port).start()
         log.info(
             "listening",
@@ -221,6 +224,9 @@ class ProxyServer:
     async def stop(self) -> None:
         """Not ready at once; stop accepting; let in-flight requests finish within drain_timeout."""
         self.state.draining = True
+        for guard in self._guards:
+            guard.cancel()
+        self._guards.clear()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

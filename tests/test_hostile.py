@@ -376,3 +376,21 @@ async def test_streamed_body_cap(
     assert "max_stream_body_bytes" in data["message"]
     status, data, _, _ = await fetch(client, "POST", url, data=b"z" * 1000)  # at the cap: fine
     assert status == 200 and data is not None and data["body_len"] == 1000
+
+
+# --- aiohttp crashing under a request line: the connection is still answered and closed -----------
+
+
+@pytest.mark.parametrize("line", [b"CONNECT  ", b"CONNECT "])
+async def test_request_line_that_crashes_aiohttp_does_not_leak_the_connection(
+    proxy: ProxyServer, upstream: VerifyingUpstream, line: bytes
+) -> None:
+    # aiohttp 3.14.5: "CONNECT" with no target leaves the URL unset and web.Request() raises in
+    # aiohttp's connection task, before any handler: without the guard this waits forever.
+    started = time.monotonic()
+    raw = await raw_exchange(proxy.port(0), line + b"\r\nHost: p\r\n\r\n", within=5)
+    assert time.monotonic() - started < 2.5
+    assert _status(raw) == 400 and _json(raw)["error"] == "bad_request"
+    assert upstream.connections == 0
+    server = proxy._runners[0].server
+    assert server is not None and server.connections == []

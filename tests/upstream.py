@@ -242,10 +242,12 @@ class VerifyingUpstream:
         if path == "/redirect":
             return web.Response(status=302, headers={"Location": "https://elsewhere.example/next"})
         if path.startswith("/status/"):
-            code = int(path.rsplit("/", 1)[1])
+            last = path.rsplit("/", 1)[1]
+            code = int(last) if last.isdigit() and 200 <= int(last) <= 599 else 404
             return web.json_response({"status": code, "message": "from upstream"}, status=code)
         if path == "/slow":
-            await asyncio.sleep(float(query.split("=", 1)[1]) if "=" in query else 5)
+            value = query.split("=", 1)[1] if "=" in query else ""
+            await asyncio.sleep(float(value) if value.replace(".", "", 1).isdigit() else 5)
         if path == "/gzip":
             return web.Response(
                 body=gzip.compress(b'{"compressed": true}'),
