@@ -17,6 +17,7 @@ prometheus-client's multiprocess directory (workers.py supervises them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -35,8 +37,9 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import Config, ListenAddress
-from .credentials import CredentialStore, read_secret
-from .errors import JSON_CONTENT_TYPE
+from .credentials import Credential, CredentialStore, CredentialWatcher, read_secret
+from .errors import JSON_CONTENT_TYPE, CredentialError
+from .guard import reap_orphans
 from .logs import AccessLog
 from .metrics import ProxyMetrics
 from .proxy import ProxyHandler
@@ -98,6 +101,26 @@ class _ProxyRunner(web.ServerRunner):
             await hook()
 
 
+def _on_reload(state: ProxyState, cred: Credential, error: CredentialError | None) -> None:
+    metrics = state.metrics
+    metrics.credential_loaded.labels(cred.name).set(1 if cred.signer else 0)
+    if error is None and cred.info is not None:
+        metrics.credential_last_reload.labels(cred.name).set(time.time())
+        info = cred.info
+        log.info(
+            "credential reloaded: its key file changed",
+            extra={"fields": {"credential": info.name, "scheme": info.scheme,
+                              "key_id": info.key_id, "fingerprint": info.fingerprint}},
+        )  # fmt: skip
+    elif error is not None:
+        metrics.credential_reload_errors.labels(cred.name).inc()
+        keeping = "keeping the last good key" if cred.signer else "the credential stays unloaded"
+        log.error(
+            f"credential file changed but could not be loaded; {keeping}",
+            extra={"fields": {"credential": cred.name, "problem": error.message}},
+        )
+
+
 def build_admin_app(state: ProxyState, exposition: CollectorRegistry) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return _json({"status": "ok", "pid": os.getpid()})
@@ -139,6 +162,8 @@ class ProxyServer:
             MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
         self._runners: list[web.BaseRunner] = []
         self._session: aiohttp.ClientSession | None = None
+        self._guards: list[asyncio.Task[None]] = []
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def metrics(self) -> ProxyMetrics:
@@ -148,7 +173,9 @@ class ProxyServer:
         problems = self.state.credentials.load_all()
         for cred in self.state.credentials:
             self.metrics.credential_loaded.labels(cred.name).set(1 if cred.signer else 0)
+            self.metrics.credential_reload_errors.labels(cred.name)  # exported from 0
             if cred.info is not None:
+                self.metrics.credential_last_reload.labels(cred.name).set(time.time())
                 info = cred.info
                 log.info(
                     "credential loaded",
@@ -166,14 +193,16 @@ class ProxyServer:
         self, session: aiohttp.ClientSession, topper: TopperEndpoint | None
     ) -> ProxyHandler:
         config = self.config
-        relay = Relay(session, self.state.endpoints, config.max_body_bytes)
+        relay = Relay(
+            session, self.state.endpoints, config.max_body_bytes, config.max_stream_body_bytes
+        )
         token = read_secret(config.inbound_token) if config.inbound_token else None
         access_log = None
         if config.access_log and logging.getLevelName(config.log_level) <= logging.INFO:
             access_log = AccessLog(config.log_format, self.state.access_log_stream)
         return ProxyHandler(
             self.state.router, self.state.credentials, relay, self.metrics, token, access_log,
-            topper=topper,
+            topper=topper, max_header_bytes=config.max_header_bytes,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -194,7 +223,15 @@ class ProxyServer:
         runners: list[tuple[web.BaseRunner, ListenAddress]] = [
             (
                 _ProxyRunner(
-                    web.Server(handler, access_log=None),
+                    web.Server(
+                        handler,
+                        access_log=None,  # ProxyHandler writes the access log
+                        # A client that leaves cancels its request, and so the upstream request.
+                        handler_cancellation=True,
+                        # aiohttp has no separate header timeout: this bounds both the wait for a
+                        # complete request head (slowloris) and idle keep-alive connections.
+                        keepalive_timeout=self.config.header_timeout,
+                    ),
                     self.state.on_shutdown,
                     shutdown_timeout=self.config.drain_timeout,
                 ),
@@ -205,6 +242,8 @@ class ProxyServer:
                     build_admin_app(self.state, self.exposition),
                     access_log=None,
                     shutdown_timeout=self.config.drain_timeout,
+                    handler_cancellation=True,
+                    keepalive_timeout=self.config.header_timeout,
                 ),
                 self.config.admin_listen,
             ),
@@ -212,10 +251,16 @@ class ProxyServer:
         for runner, address in runners:
             await runner.setup()
             self._runners.append(runner)
+            self._guards.append(asyncio.create_task(reap_orphans(runner)))
             site = web.TCPSite(
                 runner, address.host, address.port, reuse_port=self.reuse_port or None
             )
             await site.start()
+        # Key rotation without restart: poll the key files, reload what changed.
+        watcher = CredentialWatcher(
+            self.state.credentials, lambda c, e: _on_reload(self.state, c, e)
+        )
+        self._watcher = asyncio.create_task(watcher.run(), name="credential-watcher")
         log.info(
             "listening",
             extra={
@@ -236,6 +281,12 @@ class ProxyServer:
         """Not ready at once; keep accepting for ``min_drain`` s; then stop accepting and let
         in-flight requests finish within drain_timeout."""
         self.state.draining = True
+        for task in [*self._guards, *([self._watcher] if self._watcher else [])]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._guards.clear()
+        self._watcher = None
         if min_drain > 0 and self._runners:
             log.info(
                 "draining: not ready, still accepting", extra={"fields": {"min_drain": min_drain}}

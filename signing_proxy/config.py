@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from .errors import ConfigError
+from .policy import Policy, PolicyError
+from .ratelimit import RateLimit
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -36,6 +38,8 @@ __all__ = [
 
 DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 DEFAULT_UPSTREAM_TIMEOUT: Final = 30.0
+DEFAULT_HEADER_TIMEOUT: Final = 60.0
+DEFAULT_MAX_HEADER_BYTES: Final = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ class CredentialConfig:
     private_key: SecretSource | None = None
     api_key: SecretSource | None = None  # HMAC
     api_secret: SecretSource | None = None
+    policy: Policy | None = None  # what requests this credential may sign
+    rate_limit: RateLimit | None = None
 
     def files(self) -> tuple[Path, ...]:
         """Files this credential is read from (watched for rotation)."""
@@ -84,6 +90,7 @@ class UpstreamConfig:
     url: str  # where to connect: scheme://host[:port], no path
     ca_file: Path | None
     timeout: float
+    retries: int = 1  # re-signed retries of requests that failed before reaching the upstream
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class RouteConfig:
     upstream: str
     credential: str | None  # None: the upstream's credential
     strip_prefix: bool = False
+    policy: Policy | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,9 @@ class Config:
     upstreams: Mapping[str, UpstreamConfig]
     routes: tuple[RouteConfig, ...]
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_stream_body_bytes: int | None = None  # streamed (unsigned-body) uploads; None: no cap
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
     inbound_token: SecretSource | None = None
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
@@ -153,6 +164,9 @@ _TOP_KEYS: Final = {
     "upstreams",
     "routes",
     "max_body_bytes",
+    "max_stream_body_bytes",
+    "max_header_bytes",
+    "header_timeout",
     "inbound_auth",
     "log_format",
     "log_level",
@@ -161,14 +175,18 @@ _EXTRA_KEYS: Final = {"topper"}  # parsed by the feature that owns them
 _CDP_KEYS: Final = {
     "type",
     "key_file",
+    "policy",
+    "rate_limit",
     *(f"{b}{s}" for b in ("key_name", "private_key") for s in ("", "_env", "_file")),
 }
 _HMAC_KEYS: Final = {
     "type",
+    "policy",
+    "rate_limit",
     *(f"{b}{s}" for b in ("api_key", "api_secret") for s in ("", "_env", "_file")),
 }
-_UPSTREAM_KEYS: Final = {"credential", "url", "ca_file", "timeout"}
-_ROUTE_KEYS: Final = {"prefix", "upstream", "credential", "strip_prefix"}
+_UPSTREAM_KEYS: Final = {"credential", "url", "ca_file", "timeout", "retries"}
+_ROUTE_KEYS: Final = {"prefix", "upstream", "credential", "strip_prefix", "policy"}
 _LOG_LEVELS: Final = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -214,6 +232,38 @@ class _Reader:
             )
         return float(value)
 
+    def count(self, value: Any, where: str, *, minimum: int = 0) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(where, f"expected a whole number >= {minimum}")
+        return value
+
+    def policy(self, value: Any, where: str) -> Policy | None:
+        if value is None:
+            return None
+        data = self.mapping(value, where)
+        self.known(data, {"allow", "deny"}, where)
+        lists: dict[str, list[str] | None] = {}
+        for key in ("allow", "deny"):
+            rules = data.get(key)
+            if rules is not None and (
+                not isinstance(rules, list) or not all(isinstance(r, str) for r in rules)
+            ):
+                raise self.fail(f"{where}.{key}", 'expected a list of rules like "GET /api/v3/**"')
+            lists[key] = rules
+        try:
+            return Policy.compile(lists["allow"], lists["deny"] or ())
+        except PolicyError as exc:
+            raise self.fail(where, str(exc)) from None
+
+    def rate_limit(self, value: Any, where: str) -> RateLimit | None:
+        if value is None:
+            return None
+        data = self.mapping(value, where)
+        self.known(data, {"rate", "burst"}, where)
+        rate = self.number(data.get("rate"), f"{where}.rate")
+        burst = self.count(data.get("burst", max(1, math.ceil(rate))), f"{where}.burst", minimum=1)
+        return RateLimit(rate, burst)
+
     def file_path(self, value: Any, where: str) -> Path:
         path = Path(os.path.expanduser(self.string(value, where)))
         return path if path.is_absolute() else self.base / path
@@ -245,6 +295,8 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
     where = f"credentials.{name}"
     data = r.mapping(raw, where)
     kind = data.get("type", "cdp")
+    policy = r.policy(data.get("policy"), f"{where}.policy")
+    rate_limit = r.rate_limit(data.get("rate_limit"), f"{where}.rate_limit")
     if kind == "hmac":
         r.known(data, _HMAC_KEYS, where)
         api_key = r.secret(data, "api_key", where)
@@ -254,7 +306,14 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
                 where,
                 "an hmac credential needs api_key (or _env/_file) and api_secret (or _env/_file)",
             )
-        return CredentialConfig(name, "hmac", api_key=api_key, api_secret=api_secret)
+        return CredentialConfig(
+            name,
+            "hmac",
+            api_key=api_key,
+            api_secret=api_secret,
+            policy=policy,
+            rate_limit=rate_limit,
+        )
     if kind != "cdp":
         raise r.fail(f"{where}.type", f"expected 'cdp' or 'hmac', got {kind!r}")
     r.known(data, _CDP_KEYS, where)
@@ -264,7 +323,11 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
         if key_name or private_key:
             raise r.fail(where, "give key_file, or key_name + private_key, not both")
         return CredentialConfig(
-            name, "cdp", key_file=r.file_path(data["key_file"], f"{where}.key_file")
+            name,
+            "cdp",
+            key_file=r.file_path(data["key_file"], f"{where}.key_file"),
+            policy=policy,
+            rate_limit=rate_limit,
         )
     if key_name is None or private_key is None:
         raise r.fail(
@@ -272,7 +335,14 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
             "a CDP credential needs key_file (the key JSON downloaded from the CDP portal), "
             "or key_name (or _env/_file) and private_key (or _env/_file)",
         )
-    return CredentialConfig(name, "cdp", key_name=key_name, private_key=private_key)
+    return CredentialConfig(
+        name,
+        "cdp",
+        key_name=key_name,
+        private_key=private_key,
+        policy=policy,
+        rate_limit=rate_limit,
+    )
 
 
 def _upstream(
@@ -309,7 +379,8 @@ def _upstream(
         url = f"{parts.scheme}://{parts.netloc}"
     ca_file = r.file_path(data["ca_file"], f"{where}.ca_file") if data.get("ca_file") else None
     timeout = r.number(data.get("timeout", DEFAULT_UPSTREAM_TIMEOUT), f"{where}.timeout")
-    return UpstreamConfig(host, credential, url, ca_file, timeout)
+    retries = r.count(data.get("retries", 1), f"{where}.retries")
+    return UpstreamConfig(host, credential, url, ca_file, timeout, retries)
 
 
 def _route(
@@ -339,7 +410,9 @@ def _route(
     strip = data.get("strip_prefix", False)
     if not isinstance(strip, bool):
         raise r.fail(f"{where}.strip_prefix", "expected true or false")
-    return RouteConfig(prefix, upstream, credential, strip)
+    return RouteConfig(
+        prefix, upstream, credential, strip, r.policy(data.get("policy"), f"{where}.policy")
+    )
 
 
 def _workers(r: _Reader, value: Any) -> int:
@@ -428,6 +501,17 @@ def parse_config(
         routes=routes,
         max_body_bytes=int(
             r.number(data.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), "max_body_bytes")
+        ),
+        max_stream_body_bytes=(
+            None
+            if data.get("max_stream_body_bytes") is None
+            else r.count(data["max_stream_body_bytes"], "max_stream_body_bytes", minimum=1)
+        ),
+        max_header_bytes=r.count(
+            data.get("max_header_bytes", DEFAULT_MAX_HEADER_BYTES), "max_header_bytes", minimum=1024
+        ),
+        header_timeout=r.number(
+            data.get("header_timeout", DEFAULT_HEADER_TIMEOUT), "header_timeout"
         ),
         inbound_token=inbound_token,
         log_format=log_format,

@@ -6,10 +6,16 @@ Pasted keys often carry literal ``\\n`` instead of newlines; they are repaired.
 
 Every error names the source (file path, env var, config field) and what is wrong, and never
 includes the secret itself, nor text from a parser that might quote it.
+
+Key files are watched (``CredentialWatcher``): polled about once a second by stat (device, inode,
+size, mtime, following symlinks, so a Kubernetes Secret volume's atomic ``..data`` swap is seen)
+and by a hash of the content (an edit that keeps size and mtime is seen too). A changed file is
+reloaded; a broken one keeps the last good key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -17,7 +23,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -34,6 +40,8 @@ __all__ = [
     "Credential",
     "CredentialInfo",
     "CredentialStore",
+    "CredentialWatcher",
+    "FileState",
     "load_key_file",
     "parse_private_key",
     "public_fingerprint",
@@ -187,6 +195,25 @@ def load_key_file(path: Path) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
+class FileState:
+    """Enough about one key file to notice any change; nothing secret (a digest, not content)."""
+
+    stat: tuple[int, int, int, int] | None  # device, inode, size, mtime_ns; None: unreadable
+    digest: bytes = b""
+
+    @classmethod
+    def of(cls, path: Path) -> FileState:
+        try:
+            st = path.stat()  # follows symlinks: a swapped ..data target has another inode
+            with path.open("rb") as file:
+                content = file.read(_MAX_SECRET_BYTES + 1)
+        except OSError:
+            return cls(None)
+        stat = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(stat, hashlib.sha256(content).digest())
+
+
+@dataclass(frozen=True)
 class CredentialInfo:
     """What may be shown about a loaded credential: no secret material."""
 
@@ -210,13 +237,23 @@ class Credential:
         self.signer: Signer | None = None
         self.info: CredentialInfo | None = None
         self.error: str | None = None
+        self.seen: tuple[FileState, ...] = ()  # the files as they were at the last load attempt
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    def files_state(self) -> tuple[FileState, ...]:
+        return tuple(FileState.of(path) for path in self.config.files())
+
+    def changed(self) -> bool:
+        """Have the files this credential is read from changed since the last load attempt?"""
+        return bool(self.config.files()) and self.files_state() != self.seen
+
     def load(self) -> CredentialInfo:
         """(Re)load from the sources; raises CredentialError and keeps the previous signer."""
+        # Taken before reading: a file that changes while it is read differs at the next poll.
+        self.seen = self.files_state()
         try:
             signer, info = self._build()
         except CredentialError as exc:
@@ -266,7 +303,7 @@ class CredentialStore:
 
     def __init__(self, configs: Mapping[str, CredentialConfig], *, clock: Clock | None = None):
         self._credentials = {name: Credential(cfg, clock=clock) for name, cfg in configs.items()}
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # one load at a time: start-up and the watcher
 
     def __iter__(self) -> Iterator[Credential]:
         return iter(self._credentials.values())
@@ -277,7 +314,7 @@ class CredentialStore:
     def load_all(self) -> list[str]:
         """Load every credential; returns the problems (empty when all loaded)."""
         problems = []
-        with self._lock:
+        with self.lock:
             for cred in self._credentials.values():
                 try:
                     cred.load()
@@ -299,3 +336,43 @@ class CredentialStore:
                 "the request was not forwarded"
             )
         return signer
+
+
+ReloadCallback = Callable[[Credential, CredentialError | None], None]
+
+
+class CredentialWatcher:
+    """Reloads credentials whose files changed; tells ``on_reload`` how each reload went."""
+
+    def __init__(self, store: CredentialStore, on_reload: ReloadCallback, *, interval: float = 1.0):
+        self.store = store
+        self.on_reload = on_reload
+        self.interval = interval
+
+    def poll(self) -> list[str]:
+        """One pass over every watched credential; returns the names reloaded (or tried)."""
+        tried = []
+        for cred in self.store:
+            if not cred.changed():
+                continue
+            tried.append(cred.name)
+            try:
+                with self.store.lock:
+                    cred.load()
+            except CredentialError as exc:
+                self.on_reload(cred, exc)
+            else:
+                self.on_reload(cred, None)
+        return tried
+
+    async def run(self) -> None:
+        """Poll until cancelled. File I/O runs in a worker thread, off the event loop."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await asyncio.to_thread(self.poll)
+            except Exception as exc:  # keep watching whatever happened; log the type only
+                log.error(
+                    "credential watcher pass failed",
+                    extra={"fields": {"exc_type": type(exc).__name__}},
+                )

@@ -4,7 +4,7 @@
     ├── ConfigError             the config file is wrong (raised once, at start)
     ├── CredentialError         key material missing or unusable (names the source, never the secret)
     ├── SigningError            a signer could not produce a signature
-    ├── RequestRejected         the client's request is refused (400/403/405/413, ...)
+    ├── RequestRejected         the client's request is refused (400/403/405/413/429/431, ...)
     └── UpstreamError           the upstream could not be reached or answered badly (502/504)
 
 aiohttp's client exceptions are translated into UpstreamError in one place: relay.py.
@@ -14,6 +14,7 @@ Messages are shown to clients and operators, so they must never contain secret m
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Final
 
 __all__ = [
@@ -35,13 +36,21 @@ class ProxyError(Exception):
     status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         if status is not None:
             self.status = status
+        self.headers: Mapping[str, str] = headers or {}  # extra response headers (Retry-After)
 
     def body(self) -> bytes:
         return error_body(self.code, self.message)

@@ -122,6 +122,49 @@ class ProxyMetrics:
             registry=registry,
         )
 
+        self.credential_reload_errors = Counter(
+            f"{ns}_credential_reload_errors_total",
+            "Changed key files that could not be loaded (the last good key stays in use)",
+            ["credential"],
+            registry=registry,
+        )
+        self.credential_last_reload = Gauge(
+            f"{ns}_credential_last_reload_timestamp_seconds",
+            "Unix time the credential's key was last loaded successfully",
+            ["credential"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            f"{ns}_retries_total",
+            "Requests sent again, freshly signed, after failing before reaching the upstream",
+            ["upstream"],
+            registry=registry,
+        )
+        self.clock_skew = Gauge(
+            f"{ns}_upstream_clock_skew_seconds",
+            "Upstream Date header minus the local clock (JWT nbf/exp follow the local clock)",
+            ["upstream"],
+            registry=registry,
+        )
+        self.unauthorized = Counter(
+            f"{ns}_upstream_unauthorized_total",
+            "Signed requests the upstream answered 401, by credential",
+            ["credential"],
+            registry=registry,
+        )
+        self.policy_denied = Counter(
+            f"{ns}_policy_denied_total",
+            "Requests refused by a policy rule before signing, by credential ('-': unsigned)",
+            ["credential"],
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            f"{ns}_rate_limited_total",
+            "Requests answered 429 by the proxy's own per-credential rate limit",
+            ["credential"],
+            registry=registry,
+        )
+
         # Label children by key: labels() costs ~2.5 µs with its lock and checks; a dict lookup
         # does not. Keys are bounded (see the module docstring), so these dicts are too.
         self._requests: dict[tuple[str, str, str, str], Any] = {}
@@ -145,11 +188,12 @@ class ProxyMetrics:
             )
         histogram.observe(seconds)
 
-    def count_signature(self, credential: str, scheme: str, seconds: float) -> None:
+    def count_signature(self, credential: str, scheme: str, seconds: float, count: int = 1) -> None:
+        """``count`` signatures (more than one when a request was retried, signed afresh)."""
         counter = self._tokens.get((credential, scheme))
         if counter is None:
             counter = self._tokens[(credential, scheme)] = self.tokens.labels(credential, scheme)
-        counter.inc()
+        counter.inc(count)
         histogram = self._signing.get(scheme)
         if histogram is None:
             histogram = self._signing[scheme] = self.signing_duration.labels(scheme)

@@ -1,11 +1,14 @@
 """Where every request on the proxy listener enters: refuse, route, sign, relay, count, log.
 
-The flow is one straight line in ``ProxyHandler.__call__``; each step raises a ProxyError that is
-turned into the JSON error answer here, so no step has to know about HTTP error formatting.
+The flow is one straight line in ``ProxyHandler.__call__``: refuse CONNECT and bad framing,
+check the inbound token, route, apply policy and rate limit, sign, relay, then learn from the
+answer (clock skew, 401s). Each step raises a ProxyError that is turned into the JSON error answer
+here, so no step has to know about HTTP error formatting.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -17,12 +20,16 @@ from typing import Final
 
 from aiohttp import web
 
+from .config import DEFAULT_MAX_HEADER_BYTES
 from .credentials import CredentialStore
+from .diagnostics import ClockSkewMonitor, UnauthorizedReporter
 from .errors import JSON_CONTENT_TYPE, ProxyError, RequestRejected
 from .logs import AccessLog
 from .metrics import ProxyMetrics, method_label
+from .ratelimit import TokenBucket
 from .relay import Exchange, Relay
 from .routing import Router, Target
+from .signers import Signer, hmac_request_path, jwt_uri
 from .topper import ALGORITHM, BOOTSTRAP_PATH, CREDENTIAL_LABEL, TopperEndpoint
 from .websocket import WebSocketRelay, is_websocket_upgrade
 
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 TOKEN_HEADER: Final = "X-Signing-Proxy-Token"  # noqa: S105 - a header name
+_WS_FINISH_SECONDS: Final = 5.0  # how long a relay whose client vanished gets to close up
 
 
 def _frames(exc: BaseException) -> list[str]:
@@ -45,7 +53,7 @@ def _frames(exc: BaseException) -> list[str]:
 def error_response(exc: ProxyError, request_id: str) -> web.Response:
     response = web.Response(
         status=exc.status, body=exc.body(), content_type=JSON_CONTENT_TYPE,
-        headers={"X-Request-Id": request_id},
+        headers={**exc.headers, "X-Request-Id": request_id},
     )  # fmt: skip
     if exc.code == "proxy_auth_required":
         response.headers["Proxy-Authenticate"] = 'Bearer realm="signing-proxy"'
@@ -63,15 +71,99 @@ class ProxyHandler:
         access_log: AccessLog | None = None,
         *,
         topper: TopperEndpoint | None = None,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ):
         self.access_log = access_log
+        self.topper = topper
+        self.websockets = WebSocketRelay(relay.session, relay.endpoints, credentials, metrics)
         self.router = router
         self.credentials = credentials
         self.relay = relay
         self.metrics = metrics
-        self.websockets = WebSocketRelay(relay.session, relay.endpoints, credentials, metrics)
-        self.topper = topper
         self._token = inbound_token.encode() if inbound_token else None
+        self.max_header_bytes = max_header_bytes
+        self.buckets = {
+            cred.name: TokenBucket(cred.config.rate_limit)
+            for cred in credentials
+            if cred.config.rate_limit is not None
+        }
+        self.skew = ClockSkewMonitor(metrics)
+        self.unauthorized = UnauthorizedReporter(metrics)
+
+    def _check_framing(self, request: web.BaseRequest) -> None:
+        """What aiohttp's parser lets through but a signing proxy should not forward."""
+        if request.version < (1, 0):
+            # aiohttp reads "GET /path" (no version) as HTTP/0.9; nothing legitimate sends that.
+            raise RequestRejected(
+                "HTTP/0.9 requests are not supported", code="http_version_not_supported", status=505
+            )
+        size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+        if size > self.max_header_bytes:
+            raise RequestRejected(
+                f"request headers total {size} bytes, over max_header_bytes ({self.max_header_bytes})",
+                code="headers_too_large",
+                status=431,
+            )
+        coding = request.headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # e.g. "gzip, chunked": aiohttp undoes only the chunking, so the bytes it hands over
+            # are not the body the client meant; forwarding them would change the request.
+            raise RequestRejected(
+                "only 'Transfer-Encoding: chunked' is supported",
+                code="unsupported_transfer_encoding",
+                status=501,
+            )
+
+    def _check_policy(self, request: web.BaseRequest, target: Target) -> None:
+        for policy in target.policies:
+            why = policy.denial(request.method, target.path)
+            if why is not None:
+                self.metrics.policy_denied.labels(target.credential or "-").inc()
+                raise RequestRejected(
+                    f"{request.method} {target.path[:200]} is not allowed through this proxy "
+                    f"({why}; credential {target.credential or 'none'})",
+                    code="policy_denied",
+                    status=403,
+                )
+
+    def _check_rate(self, credential: str | None) -> None:
+        bucket = self.buckets.get(credential) if credential else None
+        if bucket is None:
+            return
+        wait = bucket.acquire()
+        if wait > 0:
+            assert credential is not None
+            self.metrics.rate_limited.labels(credential).inc()
+            seconds = TokenBucket.retry_after(wait)
+            raise RequestRejected(
+                f"rate limit of credential {credential!r} reached "
+                f"({bucket.limit.rate:g}/s, burst {bucket.limit.burst}); retry in {seconds}s",
+                code="rate_limited",
+                status=429,
+                headers={"Retry-After": str(seconds)},
+            )
+
+    def _learn(
+        self, request: web.BaseRequest, target: Target, signer: Signer | None, ex: Exchange
+    ) -> None:
+        """What the upstream's answer says about our signing: clock skew, and 401s."""
+        upstream = target.upstream.name
+        self.skew.observe(upstream, ex.upstream_date)
+        if ex.status == 401 and signer is not None and target.credential is not None:
+            info = self.credentials[target.credential].info
+            signed = (
+                f"{request.method} {hmac_request_path(target.path, target.query)}"
+                if signer.scheme == "HMAC"
+                else jwt_uri(request.method, upstream, target.path)
+            )
+            self.unauthorized.report(
+                target.credential,
+                algorithm=signer.scheme,
+                key_id=info.key_id if info is not None else "?",
+                signed=signed[:512],
+                request_id=ex.request_id,
+                skew=self.skew.skew.get(upstream),
+            )
 
     def _check_inbound_auth(self, request: web.BaseRequest) -> None:
         if self._token is None:
@@ -96,6 +188,7 @@ class ProxyHandler:
         target: Target | None = None
         credential: str | None = None
         local_route = "-"  # the route label of an answer the proxy makes itself
+        ws_task: asyncio.Future[web.StreamResponse] | None = None
         response: web.StreamResponse
         self.metrics.in_flight.inc()
         try:
@@ -107,6 +200,7 @@ class ProxyHandler:
                     code="connect_not_supported",
                     status=405,
                 )
+            self._check_framing(request)
             self._check_inbound_auth(request)
             if self.topper is not None and self.topper.handles(request):
                 # Minted here, not routed: the answer is the token (COINBASE_AUTH.md §5).
@@ -117,18 +211,44 @@ class ProxyHandler:
             else:
                 target = self.router.resolve(request.raw_path)
                 credential = target.credential
+                self._check_policy(request, target)
+                self._check_rate(credential)
                 signer = self.credentials.signer(credential) if credential else None
                 if is_websocket_upgrade(request):
                     # The handshake is not signed: the relay puts JWTs in subscribe messages.
-                    response = await self.websockets.relay(request, target, signer, ex)
+                    # Shielded: aiohttp cancels the handler when the client's TCP connection
+                    # ends, but the relay must still close the upstream and count the close.
+                    ws_task = asyncio.ensure_future(
+                        self.websockets.relay(request, target, signer, ex)
+                    )
+                    response = await asyncio.shield(ws_task)
                 else:
-                    response = await self.relay.forward(request, target, signer, ex)
+                    try:
+                        response = await self.relay.forward(request, target, signer, ex)
+                    finally:
+                        if ex.retries:
+                            self.metrics.retries.labels(target.upstream.name).inc(ex.retries)
+                    self._learn(request, target, signer, ex)
                     if signer is not None and credential is not None:
-                        self.metrics.count_signature(credential, signer.scheme, ex.sign_seconds)
+                        self.metrics.count_signature(
+                            credential, signer.scheme, ex.sign_seconds, 1 + ex.retries
+                        )
                 self.metrics.observe_upstream(target.upstream.name, ex.upstream_seconds)
         except ProxyError as exc:
             ex.status, ex.error = exc.status, exc.code
             response = error_response(exc, request_id)
+        except asyncio.CancelledError:  # the client went away (or shutdown ran out of time)
+            if ws_task is not None:  # a WebSocket relay ends itself: let it finish its closing
+                await asyncio.wait([ws_task], timeout=_WS_FINISH_SECONDS)
+            if ws_task is None or not ws_task.done() or ws_task.cancelled() or ws_task.exception():
+                ex.status, ex.error = 499, "cancelled"
+            if ex.error:
+                self.metrics.errors.labels(ex.error).inc()
+            self._account(
+                request, request_id, target, credential, ex, time.perf_counter() - started,
+                local_route,
+            )  # fmt: skip
+            raise
         except Exception as exc:  # a bug: answer JSON; log the type, not values that may be secret
             log.error(
                 "internal error",
@@ -142,6 +262,9 @@ class ProxyHandler:
             self.metrics.in_flight.dec()
         if ex.error:
             self.metrics.errors.labels(ex.error).inc()  # rare: no child cache needed
+            if not response.prepared and request.body_exists and not request.content.is_eof():
+                # Refused with its body unread: close rather than linger draining it.
+                response.force_close()
         self._account(
             request, request_id, target, credential, ex, time.perf_counter() - started, local_route
         )
@@ -176,6 +299,7 @@ class ProxyHandler:
                     "status": ex.status,
                     "error": ex.error,
                     "bytes_out": ex.bytes_out,
+                    "retries": ex.retries,
                     "duration_ms": round(seconds * 1000, 3),
                     "upstream_ms": round(ex.upstream_seconds * 1000, 3),
                     "sign_ms": round(ex.sign_seconds * 1000, 3),

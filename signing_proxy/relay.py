@@ -1,14 +1,21 @@
 """The upstream side: one pooled ClientSession, header hygiene, streaming, error translation.
 
 Bodies stream through in both directions unless the signer needs the request body (HMAC), in
-which case it is read up to ``max_body_bytes`` (413 above). Responses are never decompressed or
+which case it is read up to ``max_body_bytes`` (413 above) within the upstream's timeout (408).
+Streamed bodies may be capped too (``max_stream_body_bytes``). Responses are never decompressed or
 followed: what the upstream says is what the client gets, minus hop-by-hop headers.
+
+A request that fails before it reached the upstream is sent again, signed afresh (a token is never
+replayed), up to the upstream's ``retries``: any method when the connection could not be opened,
+and GET/HEAD/OPTIONS when the connection broke before the response, provided the request body was
+not consumed yet. All attempts share the upstream's ``timeout``.
 
 aiohttp client exceptions are translated into UpstreamError here and nowhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -39,6 +46,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SMALL_BODY: Final = 64 * 1024  # responses up to this size are sent in one write
+# RFC 9110 §9.2.2 lists PUT and DELETE as idempotent too, but a retried DELETE or PUT that the
+# upstream did execute is a second, freshly authorised order operation: only safe methods retry.
+_RETRY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the proxy's own inbound credentials.
 HOP_BY_HOP: Final = frozenset(
     {
@@ -122,7 +132,13 @@ def translate_client_error(exc: BaseException, upstream: str, timeout: float) ->
         return UpstreamError(
             f"cannot connect to {upstream} ({reason})", code="upstream_unreachable"
         )
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError):
+    if isinstance(
+        exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError
+    ) or (
+        # The connection closed before the body was complete: aiohttp reports it as a payload error.
+        isinstance(exc, aiohttp.ClientPayloadError)
+        and str(exc).startswith("Response payload is not completed")
+    ):
         return UpstreamError(
             f"{upstream} closed or reset the connection before answering",
             code="upstream_connection_reset",
@@ -163,10 +179,12 @@ class Exchange:
     upstream_seconds: float = 0.0
     bytes_out: int = 0
     error: str | None = None
+    retries: int = 0
+    upstream_date: str | None = None  # the upstream's Date header, for the clock skew gauge
 
 
 def create_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0, ttl_dns_cache=300),
         auto_decompress=False,  # bodies pass through untouched
         cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
@@ -174,11 +192,43 @@ def create_session() -> aiohttp.ClientSession:
         skip_auto_headers=_NO_AUTO_HEADERS,
         timeout=aiohttp.ClientTimeout(total=None),
     )
+    # aiohttp silently resends idempotent requests (PUT and DELETE included) once when a
+    # connection breaks, with the same headers: a replayed JWT nonce, and a second DELETE. The
+    # Relay does its own, re-signed retries instead. No public switch exists; aiohttp's own
+    # test_utils flips the same attribute (tests/test_faults.py proves it stays off).
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+    return session
 
 
-async def _stream_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
-    while chunk := await request.content.readany():
-        yield chunk
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyStream:
+    """The client's body streamed upstream; remembers whether it was touched (then no retry)."""
+
+    def __init__(self, request: web.BaseRequest, cap: int | None):
+        self._request = request
+        self._cap = cap
+        self.started = False
+        self.too_large = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.started = True
+        size = 0
+        while chunk := await self._request.content.readany():
+            size += len(chunk)
+            if self._cap is not None and size > self._cap:
+                self.too_large = True
+                raise _BodyTooLarge
+            yield chunk
+
+
+def _too_large(cap: int, what: str) -> RequestRejected:
+    return RequestRejected(
+        f"request body exceeds {what} ({cap} bytes)", code="body_too_large", status=413
+    )
 
 
 async def read_capped_body(
@@ -208,79 +258,154 @@ async def read_capped_body(
     return b"".join(parts)
 
 
+def _retryable(exc: BaseException, method: str, body: _BodyStream | None) -> bool:
+    """Did this attempt fail before the upstream could have acted on it, and can it be resent?"""
+    if body is not None and body.started:
+        return False  # the client's bytes are gone: they cannot be sent twice
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError | TimeoutError):
+        return False  # a bad certificate stays bad; a timeout has used up the time
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return True  # the connection never opened: nothing was sent
+    return method in _RETRY_METHODS and isinstance(
+        exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+    )
+
+
 class Relay:
     def __init__(
         self,
         session: aiohttp.ClientSession,
         endpoints: Mapping[str, UpstreamEndpoint],
         max_body_bytes: int,
+        max_stream_body_bytes: int | None = None,
     ):
         self.session = session
         self.endpoints = endpoints
         self.max_body_bytes = max_body_bytes
+        self.max_stream_body_bytes = max_stream_body_bytes
+
+    async def _read_body(self, request: web.BaseRequest, seconds: float) -> bytes:
+        try:
+            async with asyncio.timeout(seconds):
+                return await read_capped_body(request, self.max_body_bytes)
+        except TimeoutError:
+            raise RequestRejected(
+                f"the request body did not arrive within {seconds:g}s",
+                code="body_timeout",
+                status=408,
+            ) from None
+
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        target: Target,
+        signer: Signer | None,
+        ex: Exchange,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+        stream: _BodyStream | None,
+    ) -> aiohttp.ClientResponse:
+        """Sign and send, again if the attempt failed before reaching the upstream."""
+        endpoint = self.endpoints[target.upstream.name]
+        host = target.upstream.name
+        method = request.method
+        raw = endpoint.origin + target.path + ("?" + target.query if target.query else "")
+        url = URL(raw, encoded=True)  # send the path exactly as signed
+        timeout = endpoint.config.timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        t0 = time.perf_counter()
+        while True:
+            attempt_headers = headers.copy()
+            if signer is not None:
+                s0 = time.perf_counter()
+                # Fresh for every attempt: a nonce or timestamp is never sent twice.
+                attempt_headers.update(signer.sign(method, host, target.path, target.query, body))
+                ex.sign_seconds += time.perf_counter() - s0
+            data: bytes | AsyncIterator[bytes] | None = body
+            if stream is not None:
+                data = stream.chunks()
+            try:
+                upstream = await self.session.request(
+                    method,
+                    url,
+                    headers=attempt_headers,
+                    data=data,
+                    allow_redirects=False,
+                    ssl=endpoint.ssl,
+                    timeout=aiohttp.ClientTimeout(total=max(deadline - loop.time(), 0.001)),
+                )
+            except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+                if stream is not None and stream.too_large:
+                    assert self.max_stream_body_bytes is not None
+                    raise _too_large(self.max_stream_body_bytes, "max_stream_body_bytes") from None
+                error = translate_client_error(exc, host, timeout)
+                if (
+                    ex.retries < endpoint.config.retries
+                    and deadline - loop.time() > 0.01
+                    and _retryable(exc, method, stream)
+                ):
+                    ex.retries += 1
+                    log.info(
+                        "upstream attempt failed before reaching it; retrying, signed afresh",
+                        extra={"fields": {"request_id": ex.request_id, "upstream": host,
+                                          "error": error.code, "retry": ex.retries}},
+                    )  # fmt: skip
+                    continue
+                raise error from None
+            ex.upstream_seconds = time.perf_counter() - t0
+            return upstream
 
     async def forward(
         self, request: web.BaseRequest, target: Target, signer: Signer | None, ex: Exchange
     ) -> web.StreamResponse:
-        endpoint = self.endpoints[target.upstream.name]
         host = target.upstream.name
-        method = request.method
+        timeout = target.upstream.timeout
         headers = filter_request_headers(request.headers, host)
 
-        data: bytes | AsyncIterator[bytes] | None = None
         body: bytes | None = None
+        stream: _BodyStream | None = None
         if signer is not None and signer.requires_body:
-            body = await read_capped_body(request, self.max_body_bytes)
-            data = body if body or request.body_exists else None
+            body = await self._read_body(request, timeout)
+            if not body and not request.body_exists:
+                body = None
         elif request.body_exists:
-            data = _stream_body(request)
-            if request.content_length is not None:
-                headers["Content-Length"] = str(request.content_length)
+            cap = self.max_stream_body_bytes
+            declared = request.content_length
+            if cap is not None and declared is not None and declared > cap:
+                raise _too_large(cap, "max_stream_body_bytes")
+            stream = _BodyStream(request, cap)
+            if declared is not None:
+                headers["Content-Length"] = str(declared)
 
-        if signer is not None:
-            t0 = time.perf_counter()
-            headers.update(signer.sign(method, host, target.path, target.query, body))
-            ex.sign_seconds = time.perf_counter() - t0
-
-        raw = endpoint.origin + target.path + ("?" + target.query if target.query else "")
-        url = URL(raw, encoded=True)  # send the path exactly as signed
-        timeout = endpoint.config.timeout
-        t0 = time.perf_counter()
-        try:
-            upstream = await self.session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                ssl=endpoint.ssl,
-                timeout=endpoint.timeout,
-            )
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
-            raise translate_client_error(exc, host, timeout) from None
-        ex.upstream_seconds = time.perf_counter() - t0
+        upstream = await self._send(request, target, signer, ex, headers, body, stream)
+        ex.upstream_date = upstream.headers.get("Date")
 
         out_headers = filter_response_headers(upstream.headers)
         out_headers["X-Request-Id"] = ex.request_id
         ex.status = upstream.status
         size = upstream.content_length
-        if size is not None and size <= _SMALL_BODY and method != "HEAD":
+        if size is not None and size <= _SMALL_BODY and request.method != "HEAD":
             # Small, declared-length answers (most API calls): read it and send headers and body
             # in one write, instead of prepare/write/write_eof. Memory stays bounded by _SMALL_BODY.
             try:
-                body_bytes = await upstream.read()
+                small = await upstream.read()
             except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
                 upstream.close()
                 raise translate_client_error(exc, host, timeout) from None
+            except BaseException:  # cancelled (the client left): never pool a half-read connection
+                upstream.close()
+                raise
             upstream.release()
-            ex.bytes_out = len(body_bytes)
+            ex.bytes_out = len(small)
             return web.Response(
-                status=upstream.status, reason=upstream.reason, headers=out_headers, body=body_bytes
+                status=upstream.status, reason=upstream.reason, headers=out_headers, body=small
             )
 
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=out_headers
         )
+        complete = False
         try:
             await response.prepare(request)
             try:
@@ -296,16 +421,17 @@ class Relay:
                 )
                 _abort(request)
                 return response
+            complete = True
             await response.write_eof()
             return response
         except ConnectionResetError:  # the client went away; stop reading from upstream
             ex.error = "client_disconnected"
             return response
         finally:
-            if ex.error:
-                upstream.close()  # do not return a half-read connection to the pool
-            else:
+            if complete:
                 upstream.release()
+            else:  # failed, or cancelled because the client left: never pool a half-read connection
+                upstream.close()
 
 
 def _abort(request: web.BaseRequest) -> None:

@@ -21,6 +21,7 @@ from yarl import URL
 
 from .config import Config, RouteConfig, UpstreamConfig
 from .errors import RequestRejected
+from .policy import Policy
 
 __all__ = [
     "MAX_ROUTE_LABELS",
@@ -47,6 +48,7 @@ class Target:
     path: str  # as sent upstream and signed, percent-encoding untouched
     query: str  # raw, without '?'
     route: str  # bounded label for metrics: a route template
+    policies: tuple[Policy, ...] = ()  # the route's and the credential's, all must allow
 
 
 def split_target(raw: str) -> tuple[str, str]:
@@ -121,6 +123,15 @@ class Router:
         self.upstreams: Mapping[str, UpstreamConfig] = config.upstreams
         self.routes: tuple[RouteConfig, ...] = config.routes
         self.templates = RouteTemplates()
+        self._credential_policy = {
+            name: cred.policy for name, cred in config.credentials.items() if cred.policy
+        }
+
+    def _policies(self, route: RouteConfig | None, credential: str | None) -> tuple[Policy, ...]:
+        found = [route.policy] if route is not None and route.policy is not None else []
+        if credential is not None and credential in self._credential_policy:
+            found.append(self._credential_policy[credential])
+        return tuple(found)
 
     def resolve(self, raw_target: str) -> Target:
         """Route a request target as it appeared on the request line."""
@@ -146,7 +157,10 @@ class Router:
                 if route.strip_prefix:
                     sent = "/" + path[len(route.prefix) :].lstrip("/")
                 credential = route.credential or upstream.credential
-                return Target(upstream, credential, sent, query, self.templates(route.prefix, sent))
+                return Target(
+                    upstream, credential, sent, query, self.templates(route.prefix, sent),
+                    self._policies(route, credential),
+                )  # fmt: skip
         raise RequestRejected(
             f"no route matches {path[:200]!r}; add a routes: entry, or send an absolute URL "
             "through the proxy (curl -x)",
@@ -155,7 +169,15 @@ class Router:
         )
 
     def resolve_absolute(self, url: URL, raw_target: str) -> Target:
-        host = (url.raw_host or "").lower().rstrip(".")
+        if url.raw_user is not None or url.raw_password is not None:
+            # "http://api.coinbase.com@evil.com/": parsers disagree on such authorities; none is ours.
+            raise RequestRejected(
+                "absolute URLs with user information ('user@host') are not proxied",
+                code="host_not_allowed",
+                status=403,
+            )
+        host = (url.raw_host or "").lower()
+        host = host[:-1] if host.endswith(".") else host  # one trailing dot: the same DNS name
         upstream = self.upstreams.get(host)
         if upstream is None:
             raise RequestRejected(
@@ -183,4 +205,7 @@ class Router:
         if "?" in after_scheme and (slash < 0 or after_scheme.find("?") < slash):
             origin_form = "/" + after_scheme[after_scheme.find("?") :]
         path, query = split_target(origin_form)
-        return Target(upstream, upstream.credential, path, query, self.templates(f"{host}/", path))
+        return Target(
+            upstream, upstream.credential, path, query, self.templates(f"{host}/", path),
+            self._policies(None, upstream.credential),
+        )  # fmt: skip

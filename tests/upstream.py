@@ -24,6 +24,7 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 import jwt
@@ -95,6 +96,10 @@ class VerifyingUpstream:
         self.onramp_tokens: list[str] = []
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.date_offset = 0.0  # seconds added to the Date header: a skewed upstream clock
+        self.flaked: set[str] = set()  # paths under /flaky-once/ already broken once
+        self.client_gone: list[str] = []  # paths whose client (the proxy) went away mid-request
+        self.connections = 0  # TCP connections accepted
 
     @property
     def url(self) -> str:
@@ -105,16 +110,31 @@ class VerifyingUpstream:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(context)
         app = web.Application(client_max_size=1024**3)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)  # any path, even %0a
+        app.on_response_prepare.append(self._date)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
 
+        server = self._runner.server
+        assert server is not None
+        counted = server.connection_made
+
+        def connection_made(handler: Any, transport: Any) -> None:
+            self.connections += 1
+            counted(handler, transport)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _date(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.date_offset:
+            response.headers["Date"] = formatdate(time.time() + self.date_offset, usegmt=True)
 
     # --- verification, the way Coinbase does it -------------------------------------------
 
@@ -201,6 +221,14 @@ class VerifyingUpstream:
         rec.query = query
         rec.headers = {k.lower(): v for k, v in request.headers.items()}
         self.received.append(rec)
+        if path.startswith("/flaky-once/") and path not in self.flaked:
+            # The request arrived and was authenticated, then the connection breaks, unanswered.
+            self.flaked.add(path)
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if path == "/hold":  # answer nothing; note when the client goes away
+            return await self._hold(request, path)
         if streaming:
             return await self._stream(request, path, query)
         if not body and request.body_exists:
@@ -209,8 +237,28 @@ class VerifyingUpstream:
 
     # --- behaviours the tests ask for by path ----------------------------------------------
 
+    async def _hold(self, request: web.Request, path: str) -> web.StreamResponse:
+        transport = request.transport
+        for _ in range(600):  # at most 30 s
+            if transport is None or transport.is_closing():
+                self.client_gone.append(path)
+                break
+            await asyncio.sleep(0.05)
+        return web.Response(text="held")
+
     async def _stream(self, request: web.Request, path: str, query: str) -> web.StreamResponse:
         params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+        if path == "/stream/endless":  # 1 KiB every 50 ms until the client goes away (30 s max)
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            await response.prepare(request)
+            try:
+                for _ in range(600):
+                    await response.write(b"z" * 1024)
+                    await asyncio.sleep(0.05)
+            except ConnectionError:
+                self.client_gone.append(path)
+                raise
+            return response
         if path == "/stream/download":
             size = int(params["size"])
             response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
@@ -239,10 +287,12 @@ class VerifyingUpstream:
         if path == "/redirect":
             return web.Response(status=302, headers={"Location": "https://elsewhere.example/next"})
         if path.startswith("/status/"):
-            code = int(path.rsplit("/", 1)[1])
+            last = path.rsplit("/", 1)[1]
+            code = int(last) if last.isdigit() and 200 <= int(last) <= 599 else 404
             return web.json_response({"status": code, "message": "from upstream"}, status=code)
         if path == "/slow":
-            await asyncio.sleep(float(query.split("=", 1)[1]) if "=" in query else 5)
+            value = query.split("=", 1)[1] if "=" in query else ""
+            await asyncio.sleep(float(value) if value.replace(".", "", 1).isdigit() else 5)
         if path == "/gzip":
             return web.Response(
                 body=gzip.compress(b'{"compressed": true}'),
