@@ -132,6 +132,7 @@ class ProxyMetrics:
             f"{ns}_credential_last_reload_timestamp_seconds",
             "Unix time the credential's key was last loaded successfully",
             ["credential"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.retries = Counter(
@@ -144,6 +145,7 @@ class ProxyMetrics:
             f"{ns}_upstream_clock_skew_seconds",
             "Upstream Date header minus the local clock (JWT nbf/exp follow the local clock)",
             ["upstream"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         )
         self.unauthorized = Counter(

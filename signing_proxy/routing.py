@@ -32,7 +32,7 @@ __all__ = [
     "split_target",
 ]
 
-MAX_ROUTE_LABELS: Final = 500
+MAX_ROUTE_LABELS: Final = 200  # with histogram buckets, ~4k series per upstream at most
 _PATH_CACHE: Final = 4096
 _MAX_TEMPLATE_DEPTH: Final = 8
 _WORD: Final = re.compile(r"[a-z][a-z_]{0,39}|v[0-9]{1,2}")
