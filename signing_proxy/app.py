@@ -37,7 +37,13 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import Config, ListenAddress
-from .credentials import Credential, CredentialStore, CredentialWatcher, read_secret
+from .credentials import (
+    Credential,
+    CredentialInfo,
+    CredentialStore,
+    CredentialWatcher,
+    read_secret,
+)
 from .errors import JSON_CONTENT_TYPE, CredentialError
 from .guard import reap_orphans
 from .logs import AccessLog
@@ -101,17 +107,24 @@ class _ProxyRunner(web.ServerRunner):
             await hook()
 
 
+def _described(info: CredentialInfo) -> dict[str, Any]:
+    """Log fields that identify a loaded key: names and a public fingerprint, nothing secret."""
+    return {
+        "fields": {
+            "credential": info.name,
+            "scheme": info.scheme,
+            "key_id": info.key_id,
+            "fingerprint": info.fingerprint,
+        }
+    }
+
+
 def _on_reload(state: ProxyState, cred: Credential, error: CredentialError | None) -> None:
     metrics = state.metrics
     metrics.credential_loaded.labels(cred.name).set(1 if cred.signer else 0)
     if error is None and cred.info is not None:
         metrics.credential_last_reload.labels(cred.name).set(time.time())
-        info = cred.info
-        log.info(
-            "credential reloaded: its key file changed",
-            extra={"fields": {"credential": info.name, "scheme": info.scheme,
-                              "key_id": info.key_id, "fingerprint": info.fingerprint}},
-        )  # fmt: skip
+        log.info("credential reloaded: its key file changed", extra=_described(cred.info))
     elif error is not None:
         metrics.credential_reload_errors.labels(cred.name).inc()
         keeping = "keeping the last good key" if cred.signer else "the credential stays unloaded"
@@ -176,12 +189,7 @@ class ProxyServer:
             self.metrics.credential_reload_errors.labels(cred.name)  # exported from 0
             if cred.info is not None:
                 self.metrics.credential_last_reload.labels(cred.name).set(time.time())
-                info = cred.info
-                log.info(
-                    "credential loaded",
-                    extra={"fields": {"credential": info.name, "scheme": info.scheme,
-                                      "key_id": info.key_id, "fingerprint": info.fingerprint}},
-                )  # fmt: skip
+                log.info("credential loaded", extra=_described(cred.info))
         for problem in problems:
             log.warning(
                 "credential not loaded; requests that need it answer 503 until it is fixed",

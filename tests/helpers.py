@@ -1,4 +1,4 @@
-"""Small helpers shared by the hardening tests: URLs of a running proxy, fetching, metric values."""
+"""Small helpers shared by the functional tests: URLs of a running proxy, fetching, metric values."""
 
 from __future__ import annotations
 

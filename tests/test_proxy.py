@@ -21,29 +21,10 @@ from yarl import URL
 from signing_proxy.app import ProxyServer
 
 from .conftest import EC_KEY_NAME, ED_KEY_NAME, HMAC_SECRET, PUBLIC_HOST, MakeProxy, ec_pem
+from .helpers import admin, base, fetch
 from .upstream import VerifyingUpstream
 
 IDENTITY = {"Accept-Encoding": "identity"}
-
-
-def base(proxy: ProxyServer) -> str:
-    return f"http://127.0.0.1:{proxy.port(0)}"
-
-
-def admin(proxy: ProxyServer) -> str:
-    return f"http://127.0.0.1:{proxy.port(1)}"
-
-
-async def fetch(
-    client: aiohttp.ClientSession, method: str, url: str | URL, **kwargs: Any
-) -> tuple[int, dict[str, Any] | None, aiohttp.ClientResponse, bytes]:
-    async with client.request(method, url, allow_redirects=False, **kwargs) as resp:
-        raw = await resp.read()
-        try:
-            data = json.loads(raw) if raw else None
-        except ValueError:
-            data = None
-        return resp.status, data, resp, raw
 
 
 # --- signing, both modes, every host ------------------------------------------------------------
