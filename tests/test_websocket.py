@@ -351,3 +351,20 @@ def test_inject_jwt_replaces_the_client_jwt_and_keeps_the_rest() -> None:
     out = inject_jwt('{"type":"unsubscribe","jwt":"old","channel":"user","x":"€"}', lambda: "new")
     assert out is not None
     assert json.loads(out) == {"type": "unsubscribe", "jwt": "new", "channel": "user", "x": "€"}
+
+
+async def test_forward_proxy_mode_relays_websockets_too(
+    ws_proxy: ProxyServer, client: aiohttp.ClientSession, upstream: VerifyingUpstream,
+    ec_key: ec.EllipticCurvePrivateKey,
+) -> None:  # fmt: skip
+    """`ws://advanced-trade-ws-user.coinbase.com/` through the proxy, as `curl -x` users would."""
+    proxy_url = f"http://127.0.0.1:{ws_proxy.port(0)}"
+    async with client.ws_connect(f"ws://{WS_USER}/", proxy=proxy_url) as ws:
+        await ws.send_str(json.dumps({"type": "subscribe", "channel": "user"}))
+        reply = await receive_json(ws)
+        assert reply["type"] == "subscriptions" and reply["authenticated"] is True, reply
+    seen = session(upstream)
+    assert seen.host == WS_USER and seen.path == "/"
+    token = json.loads(next(data for kind, data in seen.events if kind == "text"))["jwt"]
+    claims = jwt.decode(token, ec_key.public_key(), algorithms=["ES256"])
+    assert claims["sub"] == EC_KEY_NAME and "uri" not in claims
