@@ -201,16 +201,24 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
         else:
             print(f"credential {cred.name}: NOT LOADED")
+        if cred.config.policy is not None:
+            print(f"  policy: {cred.config.policy.describe()}")
+        if cred.config.rate_limit is not None:
+            limit = cred.config.rate_limit
+            print(f"  rate limit: {limit.rate:g}/s, burst {limit.burst}")
     for up in config.upstreams.values():
         via = "" if up.url == f"https://{up.name}" else f" via {up.url}"
         print(
-            f"upstream {up.name}{via}: credential {up.credential or '(none: unsigned)'}, timeout {up.timeout:g}s"
+            f"upstream {up.name}{via}: credential {up.credential or '(none: unsigned)'}, "
+            f"timeout {up.timeout:g}s, retries {up.retries}"
         )
         if up.ca_file is not None and not up.ca_file.is_file():
             problems.append(f"upstreams.{up.name}.ca_file: {up.ca_file} does not exist")
     for route in config.routes:
         signed_by = route.credential or config.upstreams[route.upstream].credential
         print(f"route {route.prefix} -> {route.upstream} (credential {signed_by or 'none'})")
+        if route.policy is not None:
+            print(f"  policy: {route.policy.describe()}")
     if config.inbound_token is not None:
         try:
             read_secret(config.inbound_token)

@@ -96,6 +96,14 @@ class Policy:
     allow: tuple[Rule, ...] | None  # None: everything not denied is allowed
     deny: tuple[Rule, ...]
 
+    def describe(self) -> str:
+        """The rules as configured, for `signing-proxy check`."""
+        allow = (
+            "everything not denied" if self.allow is None else ", ".join(r.text for r in self.allow)
+        )
+        deny = ", ".join(r.text for r in self.deny) or "nothing"
+        return f"allow {allow}; deny {deny}"
+
     @classmethod
     def compile(cls, allow: Sequence[str] | None, deny: Iterable[str] = ()) -> Policy:
         return cls(

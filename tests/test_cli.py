@@ -99,6 +99,25 @@ def test_check_prints_fingerprints_never_secrets(
         assert secret not in out + result.stderr
 
 
+def test_check_shows_policies_rate_limits_and_retries(
+    config_dict: dict[str, Any], tmp_path: Path
+) -> None:
+    config_dict["credentials"]["trading"]["policy"] = {
+        "allow": ["GET /api/v3/**"],
+        "deny": ["POST /api/v3/brokerage/orders"],
+    }
+    config_dict["credentials"]["trading"]["rate_limit"] = {"rate": 2.5, "burst": 5}
+    config_dict["upstreams"]["api.coinbase.com"]["retries"] = 0
+    config_dict["routes"][0]["policy"] = {"deny": ["DELETE /**"]}
+    result = run_cli("check", "-c", str(write_config(tmp_path / "c.yaml", config_dict)))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "  policy: allow GET /api/v3/**; deny POST /api/v3/brokerage/orders" in out
+    assert "  rate limit: 2.5/s, burst 5" in out
+    assert "upstream api.coinbase.com via https://127.0.0.1:" in out and "retries 0" in out
+    assert "  policy: allow everything not denied; deny DELETE /**" in out
+
+
 def test_check_fails_naming_the_problem() -> None:
     result = run_cli("check", "-c", str(ROOT / "config.example.yaml"))
     assert result.returncode == 1
