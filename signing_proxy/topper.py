@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -261,11 +262,25 @@ class BootstrapSigner:
 
 
 class TopperEndpoint:
-    """``POST /topper/bootstrap-token``: a flow JSON body in, ``{"token", "url", "jti"}`` out."""
+    """``POST /topper/bootstrap-token``: a flow JSON body in, ``{"token", "url", "jti"}`` out.
 
-    def __init__(self, signer: BootstrapSigner | None, problem: str | None = None):
+    The key file is re-read when it changes (checked on each request: they are rare), like the
+    CDP keys; a broken new file keeps the last good key.
+    """
+
+    def __init__(
+        self,
+        settings: TopperSettings,
+        signer: BootstrapSigner | None,
+        problem: str | None = None,
+        *,
+        clock: Clock | None = None,
+    ):
+        self.settings = settings
         self.signer = signer
         self.problem = problem  # why there is no signer: answered as 503, like a missing key
+        self._clock = clock
+        self._stamp = self._file_stamp()
 
     @classmethod
     def from_config(cls, config: Config, *, clock: Clock | None = None) -> TopperEndpoint | None:
@@ -273,21 +288,53 @@ class TopperEndpoint:
         settings = topper_settings(config)
         if settings is None:
             return None
+        endpoint = cls(settings, None, clock=clock)
         try:
-            key = load_topper_key(settings)
+            endpoint.signer = endpoint._load()
         except CredentialError as exc:
             log.warning(
                 "topper key not loaded; POST /topper/bootstrap-token answers 503 until it is fixed",
                 extra={"fields": {"problem": exc.message}},
             )
-            return cls(None, exc.message)
+            endpoint.problem = exc.message
+        return endpoint
+
+    def _load(self) -> BootstrapSigner:
+        key = load_topper_key(self.settings)
         log.info(
             "topper key loaded",
-            extra={"fields": {"key_id": settings.key_id, "fingerprint": public_fingerprint(key),
-                              "environment": settings.environment}},
+            extra={"fields": {"key_id": self.settings.key_id, "fingerprint": public_fingerprint(key),
+                              "environment": self.settings.environment}},
         )  # fmt: skip
-        kwargs: Mapping[str, Clock] = {"clock": clock} if clock else {}
-        return cls(BootstrapSigner(settings, key, **kwargs))
+        kwargs: Mapping[str, Clock] = {"clock": self._clock} if self._clock else {}
+        return BootstrapSigner(self.settings, key, **kwargs)
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        source = self.settings.private_key
+        if source.kind != "file":
+            return None
+        try:  # follows symlinks: a Kubernetes Secret's ..data swap changes the inode
+            st = os.stat(source.ref)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def refresh(self) -> None:
+        """Reload the key if its file changed since it was last read."""
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            self.signer, self.problem = self._load(), None
+        except CredentialError as exc:
+            keeping = "keeping the last good key" if self.signer else "still not loaded"
+            log.error(
+                f"topper key file changed but could not be loaded; {keeping}",
+                extra={"fields": {"problem": exc.message}},
+            )
+            if self.signer is None:
+                self.problem = exc.message
 
     @staticmethod
     def handles(request: web.BaseRequest) -> bool:
@@ -300,6 +347,7 @@ class TopperEndpoint:
                 code="method_not_allowed",
                 status=405,
             )
+        self.refresh()
         if self.signer is None:
             raise CredentialError(f"{self.problem}; no bootstrap token was made")
         body = await read_capped_body(

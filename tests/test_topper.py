@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -441,3 +442,42 @@ async def test_cli_and_endpoint_tokens_verify_with_the_same_public_key(
         answer = await resp.json()
     for token in (capsys.readouterr().out.strip(), answer["token"]):
         assert verify(token, keypair["publicKey"])[1]["sub"] == WIDGET_ID
+
+
+async def test_endpoint_follows_key_rotation_like_a_secret_volume(
+    make_proxy: MakeProxy, config_dict: dict[str, Any], client: aiohttp.ClientSession,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Kubernetes swaps ..data atomically; a broken new key keeps the last good one."""
+    volume = tmp_path / "secret"
+    volume.mkdir()
+    first, second = keygen(capsys), keygen(capsys)
+
+    def publish(version: str, content: str) -> None:
+        (volume / version).mkdir()
+        (volume / version / "topper.json").write_text(content)
+        (volume / "..data_tmp").symlink_to(version)
+        os.replace(volume / "..data_tmp", volume / "..data")
+
+    (volume / "topper.json").symlink_to("..data/topper.json")
+    config_dict["topper"] = topper_block(volume / "topper.json")
+    proxy = await make_proxy(config_dict)  # no key yet: 503 until it appears
+
+    async def mint() -> tuple[int, dict[str, Any]]:
+        async with client.post(endpoint(proxy), json=FLOW) as resp:
+            return resp.status, await resp.json()
+
+    status, body = await mint()
+    assert status == 503 and body["error"] == "credential_unavailable"
+    publish("..v1", json.dumps(first))
+    status, body = await mint()
+    assert status == 200
+    check_minted(body, first["publicKey"], FLOW)
+    publish("..v2", json.dumps(second))
+    status, body = await mint()
+    assert status == 200
+    check_minted(body, second["publicKey"], FLOW)
+    publish("..v3", '{"kty": "EC", "crv": "P-256", "d": "broken"}')
+    status, body = await mint()
+    assert status == 200
+    check_minted(body, second["publicKey"], FLOW)  # the last good key
