@@ -316,11 +316,12 @@ class Relay:
         deadline = loop.time() + timeout
         t0 = time.perf_counter()
         while True:
-            attempt_headers = headers.copy()
+            # No copy per attempt: each signature sets the same header names, so an attempt's
+            # headers replace the last one's (and aiohttp copies them into its own request).
             if signer is not None:
                 s0 = time.perf_counter()
                 # Fresh for every attempt: a nonce or timestamp is never sent twice.
-                attempt_headers.update(signer.sign(method, host, target.path, target.query, body))
+                headers.update(signer.sign(method, host, target.path, target.query, body))
                 ex.sign_seconds += time.perf_counter() - s0
             data: bytes | AsyncIterator[bytes] | None = body
             if stream is not None:
@@ -329,11 +330,13 @@ class Relay:
                 upstream = await self.session.request(
                     method,
                     url,
-                    headers=attempt_headers,
+                    headers=headers,
                     data=data,
                     allow_redirects=False,
                     ssl=endpoint.ssl,
-                    timeout=aiohttp.ClientTimeout(total=max(deadline - loop.time(), 0.001)),
+                    timeout=endpoint.timeout  # the whole budget on the first attempt
+                    if not ex.retries
+                    else aiohttp.ClientTimeout(total=max(deadline - loop.time(), 0.001)),
                 )
             except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
                 if stream is not None and stream.too_large:
