@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlencode
 
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 # _Reader gives these fields the same checks and the same file-and-field messages as the rest.
 from .config import Config, SecretSource, _Reader
-from .credentials import parse_private_key, public_fingerprint, read_secret
+from .credentials import FileState, parse_private_key, public_fingerprint, read_secret
 from .errors import CredentialError, RequestRejected
 from .relay import read_capped_body
 from .signers import Clock
@@ -309,15 +309,9 @@ class TopperEndpoint:
         kwargs: Mapping[str, Clock] = {"clock": self._clock} if self._clock else {}
         return BootstrapSigner(self.settings, key, **kwargs)
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
+    def _file_stamp(self) -> FileState | None:
         source = self.settings.private_key
-        if source.kind != "file":
-            return None
-        try:  # follows symlinks: a Kubernetes Secret's ..data swap changes the inode
-            st = os.stat(source.ref)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return FileState.of(Path(source.ref)) if source.kind == "file" else None
 
     def refresh(self) -> None:
         """Reload the key if its file changed since it was last read."""
