@@ -77,9 +77,6 @@ class ProxyState:
         return ready, {"ready": ready, "draining": self.draining, "missing": missing}
 
 
-STATE = web.AppKey("state", ProxyState)
-
-
 def _json(data: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(status=status, text=json.dumps(data), content_type=JSON_CONTENT_TYPE)
 
@@ -143,7 +140,6 @@ def build_admin_app(state: ProxyState, exposition: CollectorRegistry) -> web.App
         return _json(body, 200 if ready else 503)
 
     app = web.Application()
-    app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", make_aiohttp_handler(exposition))
