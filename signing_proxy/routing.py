@@ -7,7 +7,16 @@ Two ways in:
 
 The path is kept exactly as the client wrote it (percent-encoding untouched), because the upstream
 checks the signature against the path it receives. Paths that a server could resolve to something
-else than what was signed (dot-segments, control characters) are refused instead.
+else than what was signed (dot-segments and control characters, in any encoding: paths.py) are
+refused instead.
+
+Policies are fences around a credential, not around a URL spelling. A request gets the policy of
+its credential and every route policy whose route leads to the same upstream with the same
+credential and covers the path sent (a route without ``strip_prefix`` covers the upstream paths
+under its prefix, in any reading of the path; one with ``strip_prefix`` can produce any upstream
+path, so it covers them all) — whichever route or proxy mode the request came by. So a second
+route, a ``//v2`` or ``/V2`` spelling that falls through to ``/``, or ``curl -x`` reach no
+signature that the first route's policy forbids.
 """
 
 from __future__ import annotations
@@ -21,10 +30,12 @@ from yarl import URL
 
 from .config import Config, RouteConfig, UpstreamConfig
 from .errors import RequestRejected
+from .paths import problem, readings
 from .policy import Policy
 
 __all__ = [
     "MAX_ROUTE_LABELS",
+    "Fence",
     "RouteTemplates",
     "Router",
     "Target",
@@ -36,7 +47,6 @@ MAX_ROUTE_LABELS: Final = 200  # with histogram buckets, ~4k series per upstream
 _PATH_CACHE: Final = 4096
 _MAX_TEMPLATE_DEPTH: Final = 8
 _WORD: Final = re.compile(r"[a-z][a-z_]{0,39}|v[0-9]{1,2}")
-_DOT_SEGMENT: Final = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
 _BAD_CHARS: Final = re.compile(r"[\x00-\x20\x7f#]")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -62,12 +72,9 @@ def split_target(raw: str) -> tuple[str, str]:
         raise RequestRejected(
             "request target contains control characters, spaces or '#'", code="bad_path"
         )
-    if _DOT_SEGMENT.search(path):
-        raise RequestRejected(
-            "paths with '.' or '..' segments are refused: the upstream could resolve them to a "
-            "different path than the one signed",
-            code="bad_path",
-        )
+    why = problem(path)
+    if why is not None:
+        raise RequestRejected(why, code="bad_path")
     return path, query
 
 
@@ -76,6 +83,25 @@ def prefix_matches(prefix: str, path: str) -> bool:
     if not path.startswith(prefix):
         return False
     return prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] == "/"
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A route's policy, held around every request to its upstream with its credential."""
+
+    route: str  # the route's prefix, for messages and `check`
+    upstream: str
+    credential: str | None
+    covers: str | None  # upstream paths under this prefix (any reading); None: all of them
+    policy: Policy
+
+    def applies(self, upstream: str, credential: str | None, path: str) -> bool:
+        if upstream != self.upstream or credential != self.credential:
+            return False
+        if self.covers is None:
+            return True
+        covers = self.covers.lower()
+        return any(prefix_matches(covers, reading.lower()) for reading in readings(path))
 
 
 class RouteTemplates:
@@ -123,12 +149,25 @@ class Router:
         self.upstreams: Mapping[str, UpstreamConfig] = config.upstreams
         self.routes: tuple[RouteConfig, ...] = config.routes
         self.templates = RouteTemplates()
+        self.forward_proxy = config.forward_proxy
         self._credential_policy = {
             name: cred.policy for name, cred in config.credentials.items() if cred.policy
         }
+        self.fences = tuple(
+            Fence(
+                route.prefix,
+                route.upstream,
+                route.credential or self.upstreams[route.upstream].credential,
+                None if route.strip_prefix else route.prefix,
+                route.policy,
+            )
+            for route in self.routes
+            if route.policy is not None
+        )
 
-    def _policies(self, route: RouteConfig | None, credential: str | None) -> tuple[Policy, ...]:
-        found = [route.policy] if route is not None and route.policy is not None else []
+    def _policies(self, upstream: str, credential: str | None, path: str) -> tuple[Policy, ...]:
+        """Every policy that holds for this credential at this upstream path (module docstring)."""
+        found = [f.policy for f in self.fences if f.applies(upstream, credential, path)]
         if credential is not None and credential in self._credential_policy:
             found.append(self._credential_policy[credential])
         return tuple(found)
@@ -159,7 +198,7 @@ class Router:
                 credential = route.credential or upstream.credential
                 return Target(
                     upstream, credential, sent, query, self.templates(route.prefix, sent),
-                    self._policies(route, credential),
+                    self._policies(upstream.name, credential, sent),
                 )  # fmt: skip
         raise RequestRejected(
             f"no route matches {path[:200]!r}; add a routes: entry, or send an absolute URL "
@@ -169,6 +208,13 @@ class Router:
         )
 
     def resolve_absolute(self, url: URL, raw_target: str) -> Target:
+        if not self.forward_proxy:
+            raise RequestRejected(
+                "forward-proxy requests (absolute URLs, curl -x) are turned off on this proxy "
+                "(forward_proxy: false); send origin-form requests to its routes instead",
+                code="forward_proxy_disabled",
+                status=403,
+            )
         if url.raw_user is not None or url.raw_password is not None:
             # "http://api.coinbase.com@evil.com/": parsers disagree on such authorities; none is ours.
             raise RequestRejected(
@@ -207,5 +253,5 @@ class Router:
         path, query = split_target(origin_form)
         return Target(
             upstream, upstream.credential, path, query, self.templates(f"{host}/", path),
-            self._policies(None, upstream.credential),
+            self._policies(host, upstream.credential, path),
         )  # fmt: skip
