@@ -46,6 +46,15 @@ _METHOD_OVERRIDES: Final = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+async def _answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Send a refusal whose request body was never read, then close: aiohttp would otherwise
+    linger up to 10 s reading (and so paying for) a body nobody wants."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # the answer is written; closing flushes it first
+
+
 async def _send_continue(request: web.BaseRequest) -> None:
     """Answer ``Expect: 100-continue`` once the request has passed every check: only then may
     the client send its body (RFC 9110 §10.1.1). A refused request never gets one, and its body
@@ -314,16 +323,15 @@ class ProxyHandler:
             response = error_response(internal, request_id)
         finally:
             self.metrics.in_flight.dec()
-        if ex.error:
-            self.metrics.errors.labels(ex.error).inc()  # rare: no child cache needed
-            if not response.prepared and request.body_exists and not request.content.is_eof():
-                # Refused with its body unread: close rather than linger draining it.
-                response.force_close()
         self._account(
             request, request_id, target, credential, ex, time.perf_counter() - started, local_route
         )
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
+        if ex.error:
+            self.metrics.errors.labels(ex.error).inc()  # rare: no child cache needed
+            if not response.prepared and request.body_exists and not request.content.is_eof():
+                await _answer_and_close(request, response)
         return response
 
     def _account(

@@ -87,9 +87,14 @@ _OWNED: Final = _REQUEST_DROP | {"x-wallet-auth"}
 _NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
-def connection_tokens(headers: Mapping[str, str]) -> set[str]:
-    value = headers.get("Connection")
-    return {t.strip().lower() for t in value.split(",")} if value else set()
+def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    """The header names listed in every Connection header (a client may send several)."""
+    return {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    }
 
 
 def filter_request_headers(headers: CIMultiDictProxy[str], host: str) -> CIMultiDict[str]:

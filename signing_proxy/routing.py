@@ -39,6 +39,7 @@ __all__ = [
     "RouteTemplates",
     "Router",
     "Target",
+    "describe_fence",
     "prefix_matches",
     "split_target",
 ]
@@ -255,3 +256,41 @@ class Router:
             upstream, upstream.credential, path, query, self.templates(f"{host}/", path),
             self._policies(host, upstream.credential, path),
         )  # fmt: skip
+
+
+def describe_fence(router: Router, fence: Fence) -> list[str]:
+    """How a route policy combines with the rest of the config, for `signing-proxy check`."""
+    scope = f" under {fence.covers}" if fence.covers else ""
+    signed = f"signed with credential {fence.credential}" if fence.credential else "unsigned"
+    ways = [
+        f"route {route.prefix}"
+        for route in router.routes
+        if route.upstream == fence.upstream
+        and (route.credential or router.upstreams[route.upstream].credential) == fence.credential
+    ]
+    upstream = router.upstreams[fence.upstream]
+    if router.forward_proxy and upstream.credential == fence.credential:
+        ways.append(f"forward proxy http://{fence.upstream}/")
+    lines = [
+        f"  enforced on every request {signed} to {fence.upstream}{scope}, whichever way it comes "
+        f"({', '.join(ways)}), together with the credential's own policy"
+    ]
+    others = sorted(
+        {
+            route.credential or upstream.credential or "none (unsigned)"
+            for route in router.routes
+            if route.upstream == fence.upstream
+            and (route.credential or upstream.credential) != fence.credential
+        }
+        | (
+            {upstream.credential or "none (unsigned)"}
+            if router.forward_proxy and upstream.credential != fence.credential
+            else set()
+        )
+    )
+    if others:
+        lines.append(
+            f"  warning: {fence.upstream} is also reachable with credential {', '.join(others)}, "
+            "where this policy does not apply; give those credentials their own policy"
+        )
+    return lines
