@@ -10,13 +10,13 @@ checks the signature against the path it receives. Paths that a server could res
 else than what was signed (dot-segments and control characters, in any encoding: paths.py) are
 refused instead.
 
-Policies are fences around a credential, not around a URL spelling. A request gets the policy of
-its credential and every route policy whose route leads to the same upstream with the same
-credential and covers the path sent (a route without ``strip_prefix`` covers the upstream paths
-under its prefix, in any reading of the path; one with ``strip_prefix`` can produce any upstream
-path, so it covers them all) — whichever route or proxy mode the request came by. So a second
-route, a ``//v2`` or ``/V2`` spelling that falls through to ``/``, or ``curl -x`` reach no
-signature that the first route's policy forbids.
+Policies are fences, not URL spellings. A request gets the policy of its credential and every
+route policy that holds where it goes (``Fence``): a route without ``strip_prefix`` fences the
+upstream paths under its prefix (in any reading of the path) for every request to that upstream;
+a route with ``strip_prefix`` can produce any upstream path, so it fences everything its
+credential signs for that upstream — whichever route or proxy mode the request came by. So a
+second route, a ``//v2`` or ``/V2`` spelling that falls through to ``/``, or ``curl -x`` reach no
+signature that a route's policy forbids.
 """
 
 from __future__ import annotations
@@ -88,7 +88,12 @@ def prefix_matches(prefix: str, path: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Fence:
-    """A route's policy, held around every request to its upstream with its credential."""
+    """A route's policy, held around the upstream paths its route can reach (module docstring).
+
+    A route that keeps its prefix reaches the upstream paths under it: the fence holds there for
+    every request, whatever its credential. A ``strip_prefix`` route can reach any upstream path:
+    the fence holds for every request its credential signs for that upstream.
+    """
 
     route: str  # the route's prefix, for messages and `check`
     upstream: str
@@ -97,10 +102,10 @@ class Fence:
     policy: Policy
 
     def applies(self, upstream: str, credential: str | None, path: str) -> bool:
-        if upstream != self.upstream or credential != self.credential:
+        if upstream != self.upstream:
             return False
         if self.covers is None:
-            return True
+            return credential == self.credential
         covers = self.covers.lower()
         return any(prefix_matches(covers, reading.lower()) for reading in readings(path))
 
@@ -260,37 +265,39 @@ class Router:
 
 def describe_fence(router: Router, fence: Fence) -> list[str]:
     """How a route policy combines with the rest of the config, for `signing-proxy check`."""
-    scope = f" under {fence.covers}" if fence.covers else ""
+    upstream = router.upstreams[fence.upstream]
+    if fence.covers is not None:
+        return [
+            f"  enforced on every request to {fence.upstream} whose path is under {fence.covers} "
+            "(in any spelling), whichever route, mode or credential it comes by, together with "
+            "the signing credential's own policy"
+        ]
     signed = f"signed with credential {fence.credential}" if fence.credential else "unsigned"
     ways = [
         f"route {route.prefix}"
         for route in router.routes
         if route.upstream == fence.upstream
-        and (route.credential or router.upstreams[route.upstream].credential) == fence.credential
+        and (route.credential or upstream.credential) == fence.credential
     ]
-    upstream = router.upstreams[fence.upstream]
     if router.forward_proxy and upstream.credential == fence.credential:
         ways.append(f"forward proxy http://{fence.upstream}/")
     lines = [
-        f"  enforced on every request {signed} to {fence.upstream}{scope}, whichever way it comes "
-        f"({', '.join(ways)}), together with the credential's own policy"
+        f"  enforced on every request {signed} to {fence.upstream} (strip_prefix reaches any "
+        f"path), whichever way it comes ({', '.join(ways)}), together with the credential's own "
+        "policy"
     ]
-    others = sorted(
-        {
-            route.credential or upstream.credential or "none (unsigned)"
-            for route in router.routes
-            if route.upstream == fence.upstream
-            and (route.credential or upstream.credential) != fence.credential
-        }
-        | (
-            {upstream.credential or "none (unsigned)"}
-            if router.forward_proxy and upstream.credential != fence.credential
-            else set()
-        )
-    )
+    others = {
+        route.credential or upstream.credential or "none (unsigned)"
+        for route in router.routes
+        if route.upstream == fence.upstream
+        and (route.credential or upstream.credential) != fence.credential
+    }
+    if router.forward_proxy and upstream.credential != fence.credential:
+        others.add(upstream.credential or "none (unsigned)")
     if others:
         lines.append(
-            f"  warning: {fence.upstream} is also reachable with credential {', '.join(others)}, "
-            "where this policy does not apply; give those credentials their own policy"
+            f"  warning: {fence.upstream} is also reachable with credential "
+            f"{', '.join(sorted(others))}, where this policy does not apply; give those their own "
+            "policy, or use a route without strip_prefix"
         )
     return lines

@@ -540,3 +540,29 @@ async def test_pooled_connection_carries_many_requests_without_desync(
         f"/api/v3/p{i}" for i in range(len(bodies))
     ]
     assert not raw_upstream.garbage and raw_upstream.connections == 1
+
+
+async def test_a_prefix_route_policy_holds_for_every_credential_and_spelling(
+    make_proxy: MakeProxy, raw_upstream: RawUpstream, ca_file: Path, ec_key_file: Path
+) -> None:
+    """/v2/ signs with the HMAC key; /V2/ and //v2/ fall through to / (the CDP key): still fenced."""
+    config = _config(raw_upstream, ca_file, ec_key_file)
+    config["routes"] = [
+        {"prefix": "/v2/", "upstream": "api.coinbase.com", "credential": "legacy",
+         "policy": {"deny": ["* /v2/user/**"]}},
+        {"prefix": "/", "upstream": "api.coinbase.com"},
+    ]  # fmt: skip
+    proxy = await make_proxy(config)
+    for target in (
+        "/v2/user",
+        "/V2/user",
+        "//v2/user",
+        "/v2//user/",
+        "/%76%32/user",
+        "http://api.coinbase.com/v2/user",
+        "http://api.coinbase.com/V2/USER",
+    ):
+        raw = await raw_exchange(proxy.port(0), _request("GET", target))
+        assert _status(raw) == 403 and as_json(raw)["error"] == "policy_denied", (target, raw)
+    assert raw_upstream.requests == []
+    assert _status(await raw_exchange(proxy.port(0), _request("GET", "/v2/accounts"))) == 200
