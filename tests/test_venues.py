@@ -374,3 +374,22 @@ async def test_an_unusable_venue_key_fails_closed_with_a_clear_error(
     assert status == 503 and data is not None and data["error"] == "credential_unavailable"
     assert "PEM private key" in data["message"] and "MHcCAQEEIBad" not in data["message"]
     assert upstream.received == []
+
+
+async def test_a_401_report_says_what_each_venue_signed(
+    venue_proxy: ProxyServer, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    for v in VENUES.values():
+        status, _, _, _ = await fetch(client, "GET", url(venue_proxy, v, "/status/401?x=1"))
+        assert status == 401
+    reports = {
+        r.fields["credential"]: r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage().startswith("upstream answered 401")
+    }
+    assert {name: (f["algorithm"], f["kid"], f["signed"]) for name, f in reports.items()} == {
+        "exchange": ("EXCHANGE", VENUES["exchange"].key, "GET /status/401?x=1"),
+        "prime": ("PRIME", VENUES["prime"].key, "GET /status/401"),
+        "intx": ("INTX", VENUES["intx"].key, "GET /status/401"),
+    }
