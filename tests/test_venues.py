@@ -393,3 +393,21 @@ async def test_a_401_report_says_what_each_venue_signed(
         "prime": ("PRIME", VENUES["prime"].key, "GET /status/401"),
         "intx": ("INTX", VENUES["intx"].key, "GET /status/401"),
     }
+
+
+async def test_exchange_feed_subscriptions_count_against_the_rate_limit(
+    make_proxy: MakeProxy, venue_config: dict[str, Any], client: aiohttp.ClientSession,
+    upstream: VerifyingUpstream,
+) -> None:  # fmt: skip
+    # burst 2: one for the upgrade (a request like any other), one for the first subscribe
+    venue_config["credentials"]["exchange"]["rate_limit"] = {"rate": 0.01, "burst": 2}
+    proxy = await make_proxy(venue_config)
+    subscribe = '{"type":"subscribe","product_ids":["BTC-USD"],"channels":["user"]}'
+    async with client.ws_connect(f"ws://127.0.0.1:{proxy.port(0)}/ws/exchange") as ws:
+        await ws.send_str(subscribe)
+        assert json.loads((await ws.receive(timeout=5)).data)["authenticated"]
+        await ws.send_str(subscribe)
+        refused = json.loads((await ws.receive(timeout=5)).data)
+        assert refused["type"] == "error" and refused["error"] == "rate_limited", refused
+    assert len(upstream.ws_sessions[-1].verified) == 1  # the second never reached the upstream
+    assert metric(proxy, "signing_proxy_rate_limited_total", credential="exchange") == 1
