@@ -4,14 +4,13 @@ Each signer is built once from parsed key objects (credentials.py does the parsi
 called per request. ``requires_body`` tells the relay whether it must read the request body
 before signing (HMAC covers the body) or may stream it (JWT does not).
 
-The rules implemented here are pinned down in COINBASE_AUTH.md §1 (CDP JWT) and §3 (HMAC).
+The rules implemented here are pinned down in COINBASE_AUTH.md §1 (CDP JWT). The HMAC family
+(legacy keys, Exchange, Prime, INTX) lives in hmac_signers.py; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -21,6 +20,8 @@ from typing import ClassVar, Final, Protocol
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from .hmac_signers import HmacSigner, hmac_request_path
 
 __all__ = [
     "JWT_LIFETIME",
@@ -44,12 +45,23 @@ class Signer(Protocol):
     """What the relay needs from a signer."""
 
     requires_body: ClassVar[bool]
-    scheme: str  # "ES256", "EdDSA" or "HMAC": used in metrics and `check` output
+    # Types of WebSocket messages the signer authenticates (its WebSocket form); empty: none.
+    websocket_messages: ClassVar[frozenset[str]]
+    # "ES256", "EdDSA", "HMAC", "EXCHANGE", "PRIME" or "INTX": in metrics and `check` output
+    scheme: str
 
     def sign(
         self, method: str, host: str, path: str, query: str, body: bytes | None
     ) -> dict[str, str]:
         """Return the headers that authenticate this request."""
+        ...
+
+    def describe(self, method: str, host: str, path: str, query: str) -> str:
+        """What ``sign`` covers for this request, safe to log (a 401 report says it)."""
+        ...
+
+    def websocket_auth(self) -> dict[str, str]:
+        """Fields to set in one outgoing message of a type in ``websocket_messages``."""
         ...
 
 
@@ -76,6 +88,8 @@ class CdpJwtSigner:
     """
 
     requires_body: ClassVar[bool] = False
+    # Advanced Trade WebSocket: a fresh jwt in every (un)subscribe message (COINBASE_AUTH.md §2).
+    websocket_messages: ClassVar[frozenset[str]] = frozenset({"subscribe", "unsubscribe"})
 
     def __init__(self, key_name: str, private_key: PrivateKey, *, clock: Clock = time.time):
         if isinstance(private_key, ec.EllipticCurvePrivateKey):
@@ -117,41 +131,8 @@ class CdpJwtSigner:
         # The query never enters the uri: a query in `uri` is a classic 401 cause.
         return {"Authorization": f"Bearer {self.token(jwt_uri(method, host, path))}"}
 
+    def describe(self, method: str, host: str, path: str, query: str) -> str:
+        return jwt_uri(method, host, path)
 
-def hmac_request_path(path: str, query: str) -> str:
-    """The requestPath HMAC signs.
-
-    Advanced Trade (``/api/v3/...``) signs the path without the query; Sign in with Coinbase v2
-    (``/v2/...``) signs it with ``?query`` (COINBASE_AUTH.md §3). Other paths follow v2, the
-    general Coinbase rule.
-    """
-    if path.startswith("/api/v3/") or not query:
-        return path
-    return f"{path}?{query}"
-
-
-class HmacSigner:
-    """Legacy API key: CB-ACCESS-KEY / -TIMESTAMP / -SIGN over timestamp+METHOD+requestPath+body."""
-
-    requires_body: ClassVar[bool] = True
-    scheme = "HMAC"
-
-    def __init__(self, api_key: str, api_secret: str, *, clock: Clock = time.time):
-        self.api_key = api_key
-        # The secret string's UTF-8 bytes are the HMAC key; it is not base64-decoded.
-        self._mac = hmac.new(api_secret.encode(), digestmod=hashlib.sha256)
-        self._clock = clock
-
-    def sign(
-        self, method: str, host: str, path: str, query: str, body: bytes | None
-    ) -> dict[str, str]:
-        timestamp = str(int(self._clock()))
-        mac = self._mac.copy()
-        mac.update(f"{timestamp}{method.upper()}{hmac_request_path(path, query)}".encode())
-        if body:
-            mac.update(body)
-        return {
-            "CB-ACCESS-KEY": self.api_key,
-            "CB-ACCESS-TIMESTAMP": timestamp,
-            "CB-ACCESS-SIGN": mac.hexdigest(),
-        }
+    def websocket_auth(self) -> dict[str, str]:
+        return {"jwt": self.token(None)}
