@@ -1,5 +1,4 @@
-"""Keep-alive HTTP/1.1 connections to one upstream origin over TLS, and the one place where socket,
-TLS and parse failures become the proxy's error codes.
+"""Keep-alive HTTP/1.1 connections to one upstream origin over TLS: the relay's way out.
 
     pool = UpstreamPool("api.coinbase.com", 443, context, "api.coinbase.com")
     resp = await pool.request("GET", b"/api/v3/x?a=1", [(b"Host", b"api.coinbase.com")], None,
@@ -12,7 +11,8 @@ TLS and parse failures become the proxy's error codes.
 The pool sends the target and headers exactly as given, in order (no header is added but the
 Content-Length / ``Transfer-Encoding: chunked`` framing of the body it is given), never
 decompresses, never follows redirects and never resends: a retry needs a fresh signature, so the
-caller decides, helped by ``UpstreamFailure.reached`` and ``StaleConnection``.
+caller decides, helped by ``UpstreamFailure.reached`` and ``StaleConnection``: every failure is
+an ``UpstreamFailure`` with a stable code (upstream_errors.py).
 
 Connections are bounded per pool (``max_connections``; more requests wait in line), reused last in
 first out (the warmest connection, and idle ones at the back expire), closed after ``idle_timeout``
@@ -24,105 +24,19 @@ exchange (waiting for a connection, connecting, sending, and reading the respons
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Final
 
-from .errors import UpstreamError
 from .http1 import BadResponse, Connection, ConnectionClosed, ResponseTimeout, serialize_head
+from .upstream_errors import StaleConnection, UpstreamFailure, classify
 
 __all__ = ["Response", "StaleConnection", "UpstreamFailure", "UpstreamPool", "classify"]
 
 DEFAULT_IDLE_TIMEOUT: Final = 15.0
 DEFAULT_MAX_CONNECTIONS: Final = 100
 _NO_BODY: Final = frozenset({204, 304})
-
-
-class UpstreamFailure(UpstreamError):
-    """An upstream failure with a stable code; ``reached`` is False when no byte of the request
-    can have reached the upstream (it may be resent, signed afresh, whatever the method)."""
-
-    def __init__(self, message: str, *, code: str, reached: bool, status: int | None = None):
-        super().__init__(message, code=code, status=status)
-        self.reached = reached
-
-
-class StaleConnection(UpstreamFailure):
-    """A reused keep-alive connection was closed or reset by the upstream before any byte of a
-    response: the upstream closed it while idle, as the request went out (RFC 9112 §9.3.1 allows
-    such a request to be sent again on a new connection). Retry once, signed afresh."""
-
-
-def classify(
-    exc: BaseException,
-    upstream: str,
-    timeout: float,
-    *,
-    reached: bool = False,
-    stale: bool = False,
-    in_body: bool = False,
-) -> UpstreamFailure:
-    """Every socket, TLS, parse and deadline failure, mapped to a code. Subclasses first."""
-    if isinstance(exc, ResponseTimeout | TimeoutError):
-        return UpstreamFailure(
-            f"{upstream} did not answer within {timeout:g}s (upstream timeout)",
-            code="upstream_timeout",
-            status=504,
-            reached=reached,
-        )
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return UpstreamFailure(
-            f"TLS certificate of {upstream} could not be verified ({exc.verify_message}); "
-            "check the upstream's url/ca_file",
-            code="upstream_tls_error",
-            reached=False,
-        )
-    if isinstance(exc, ssl.SSLError):
-        return UpstreamFailure(
-            f"TLS with {upstream} failed ({exc.reason or type(exc).__name__})",
-            code="upstream_tls_error",
-            reached=reached,
-        )
-    if isinstance(exc, BadResponse):
-        return UpstreamFailure(
-            f"{upstream} sent a response that is not valid HTTP ({exc})",
-            code="upstream_bad_response",
-            reached=reached,
-        )
-    if isinstance(exc, ConnectionClosed):
-        if isinstance(exc.cause, ssl.SSLError):
-            return classify(exc.cause, upstream, timeout, reached=reached)
-        if stale or exc.before_write:
-            return StaleConnection(
-                f"{upstream} closed a pooled keep-alive connection before answering",
-                code="upstream_connection_reset",
-                reached=reached and not exc.before_write,
-            )
-        what = "before the body was complete" if in_body else "before answering"
-        return UpstreamFailure(
-            f"{upstream} closed or reset the connection {what}",
-            code="upstream_connection_reset",
-            reached=reached,
-        )
-    if isinstance(exc, ConnectionResetError):
-        return UpstreamFailure(
-            f"{upstream} reset the connection while it was being opened",
-            code="upstream_connection_reset",
-            reached=False,
-        )
-    if isinstance(exc, OSError):
-        # asyncio's strerror names the address ("Connect call failed (...)"); the errno says why.
-        reason = os.strerror(exc.errno) if exc.errno else exc.strerror or type(exc).__name__
-        return UpstreamFailure(
-            f"cannot connect to {upstream} ({reason})", code="upstream_unreachable", reached=False
-        )
-    return UpstreamFailure(
-        f"request to {upstream} failed ({type(exc).__name__})",
-        code="upstream_error",
-        reached=reached,
-    )
 
 
 class Response:
@@ -288,10 +202,10 @@ class UpstreamPool:
         self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
+        while self._waiters:  # first: no slot freed below may pass to them
+            self._waiters.popleft().cancel()
         for conn in list(self._live):
             self._drop(conn, graceful=conn in self._idle)
-        while self._waiters:
-            self._waiters.popleft().cancel()
 
     # -- connections -----------------------------------------------------------------------------
     async def _checkout(self, deadline: float, budget: float) -> Connection:
