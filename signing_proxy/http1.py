@@ -18,7 +18,7 @@ import re
 import select
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, cast
 
 import httptools
 
@@ -188,8 +188,7 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio subclass
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
 
