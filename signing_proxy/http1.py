@@ -33,6 +33,7 @@ __all__ = [
 
 HIGH_WATER: Final = 256 * 1024  # buffered response bytes above which the socket is not read
 _TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2
+_TARGET_BAD: Final = re.compile(rb"[\x00-\x20\x7f]")  # controls and space end the request line
 
 
 class ConnectionClosed(Exception):
@@ -58,7 +59,8 @@ def serialize_head(
     """Request line and headers, exactly as given, in order; ``framing`` is the pool's own
     ``Content-Length``/``Transfer-Encoding`` line (or b""). Refuses anything that would let one
     value start another line or request (response splitting / smuggling)."""
-    parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+    verb = method.encode("ascii")
+    parts = [verb, b" ", target, b" HTTP/1.1\r\n"]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
     parts.append(framing)
@@ -70,8 +72,8 @@ def serialize_head(
         or head.count(b"\r") != lines
         or b"\x00" in head
         or not target
-        or b" " in target
-        or _TOKEN.fullmatch(method.encode("ascii")) is None
+        or _TARGET_BAD.search(target) is not None
+        or _TOKEN.fullmatch(verb) is None
         or (headers and _TOKEN.fullmatch(b"".join(name for name, _ in headers)) is None)
     ):
         raise ValueError("request method, target or header not fit to send (CR, LF, NUL, space)")
@@ -143,10 +145,15 @@ class Connection(asyncio.Protocol):
         self.transport.write(data)
         self.wrote = True
 
+    @property
+    def stop_sending(self) -> bool:
+        """Failed, or already answered with an error (RFC 9112 §9.5: cease sending the body)."""
+        return self.error is not None or (self.head_ready and self.status >= 400)
+
     async def drain(self) -> None:
-        while self._write_paused and self.error is None:
+        while self._write_paused and not self.stop_sending:
             await self.wait()
-        if self.error is not None:
+        if self.error is not None and not self.head_ready:  # else the answer stands
             raise self.error
 
     async def wait(self) -> None:

@@ -323,11 +323,11 @@ class UpstreamPool:
 
 
 async def _upload(conn: Connection, body: AsyncIterator[bytes], content_length: int | None) -> None:
-    """Stream the body, paced by the socket. Stops early if the upstream answered or failed
-    meanwhile (the connection is then not reused: its request was cut short)."""
+    """Stream the body, paced by the socket. Stops early if the upstream failed or answered with an
+    error (e.g. 413, then closed); the connection is then not reused: its request was cut short."""
     sent = 0
     async for chunk in body:
-        if conn.head_ready or conn.error is not None:
+        if conn.stop_sending:
             return
         if not chunk:
             continue
@@ -339,6 +339,8 @@ async def _upload(conn: Connection, body: AsyncIterator[bytes], content_length: 
         else:
             conn.write(chunk)
         await conn.drain()
+    if conn.stop_sending:
+        return
     if content_length is None:
         conn.write(b"0\r\n\r\n")
     elif sent != content_length:

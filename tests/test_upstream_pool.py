@@ -203,6 +203,8 @@ async def test_request_bytes_exactly_as_given(scripted: MakeServer, make_pool: M
     [
         (b"/a\r\nX-Injected: 1", HOST),
         (b"/a b", HOST),
+        (b"/a\tb", HOST),
+        (b"", HOST),
         (b"/a", [(b"X-A", b"v\r\nX-Injected: 1")]),
         (b"/a", [(b"X-A", b"v\nX-Injected: 1")]),
         (b"/a", [(b"X A", b"v")]),
@@ -811,3 +813,28 @@ async def test_64mib_upload_streams_with_flat_memory(
     assert body == str(STREAM).encode() and upstream.uploaded == STREAM
     assert len(set(upstream.ports)) == 1
     assert peak < FLAT, f"peak {peak / 2**20:.1f} MiB"
+
+
+async def test_early_success_answer_still_gets_the_whole_body(
+    scripted: MakeServer, make_pool: MakePool
+) -> None:
+    async def script(peer: Peer) -> None:  # answers at once, then reads the body (an echo)
+        head = await peer.reader.readuntil(b"\r\n\r\n")
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        size = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await peer.reader.readexactly(size)
+        count = str(size).encode()
+        await peer.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(count), count))
+        await peer.read_request()
+
+    server = await scripted(script)
+    pool = make_pool(server.port)
+
+    async def blocks() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield b"b" * 65536
+
+    resp = await pool.request("PUT", b"/", HOST, blocks(), content_length=64 * 65536, timeout=5.0)
+    assert resp.status == 200 and await resp.read() == b"4194304"
+    resp.release()
+    assert pool.idle == 1  # the whole request went out: the connection is reusable
