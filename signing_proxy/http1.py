@@ -74,7 +74,7 @@ def serialize_head(
         or not target
         or _TARGET_BAD.search(target) is not None
         or _TOKEN.fullmatch(verb) is None
-        or (headers and _TOKEN.fullmatch(b"".join(name for name, _ in headers)) is None)
+        or (headers and _TOKEN.fullmatch(b"".join([name for name, _ in headers])) is None)
     ):
         raise ValueError("request method, target or header not fit to send (CR, LF, NUL, space)")
     return head
@@ -90,7 +90,7 @@ class Connection(asyncio.Protocol):
         self.served = 0  # complete responses read on this connection
         self.idle_since = 0.0
         self.on_lost: Callable[[Connection], None] | None = None  # the pool's, called once closed
-        self._fd = -1
+        self._poll: select.poll | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -133,11 +133,7 @@ class Connection(asyncio.Protocol):
         close_notify); the event loop may not have run the callback yet, so ask the socket."""
         if self.closed or self.transport is None or self.transport.is_closing():
             return False
-        try:
-            readable, _, _ = select.select((self._fd,), (), (), 0)
-        except (OSError, ValueError):
-            return False
-        return not readable
+        return self._poll is not None and not self._poll.poll(0)
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
@@ -197,7 +193,9 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio subclass
         sock = transport.get_extra_info("socket")
-        self._fd = sock.fileno() if sock is not None else -1
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         if not self.active:  # nothing was asked: an idle connection must stay silent

@@ -4,6 +4,7 @@ scripted servers (tests/scripted.py) that write exact bytes for the edge cases."
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -563,6 +564,22 @@ async def test_idle_connection_closed_by_upstream_is_not_used(
     await server.peers[0].closed.wait()
     assert await get(pool) == (200, b"ok")  # checked at checkout: a new connection, no error
     assert len(server.peers) == 2 and pool.opened == 2
+
+
+async def test_close_seen_only_by_the_kernel_is_caught_at_checkout(
+    scripted: MakeServer, make_pool: MakePool
+) -> None:
+    server = await scripted(answering(OK))
+    pool = make_pool(server.port)
+    assert await get(pool) == (200, b"ok")
+    server.peers[0].writer.close()  # the TLS close alert is written at once
+    sock = pool._idle[-1].transport.get_extra_info("socket")  # type: ignore[union-attr]
+    # Block the event loop until the alert is in the socket: the loop has not seen it, only the
+    # readiness check at checkout can.
+    readable, _, _ = select.select([sock.fileno()], [], [], 5.0)
+    assert readable
+    assert await get(pool) == (200, b"ok")  # no StaleConnection: a new connection, nothing sent
+    assert len(server.peers) == 2 and server.peers[0].received == [server.peers[1].received[0]]
 
 
 @pytest.mark.parametrize("how", ["close", "reset"])
