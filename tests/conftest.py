@@ -189,17 +189,3 @@ async def proxy(make_proxy: MakeProxy, config_dict: dict[str, Any]) -> ProxyServ
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
-
-
-_BOTH_LOOPS = frozenset({"test_upstream_pool.py"})  # protocol code: run on uvloop too
-
-
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Any:
-    """Tests of our own asyncio protocols run on both loops the proxy may run on."""
-    if item.path.name not in _BOTH_LOOPS:
-        return None
-    import asyncio
-
-    import uvloop
-
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

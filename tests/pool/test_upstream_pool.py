@@ -15,8 +15,9 @@ from aiohttp import web
 
 from signing_proxy.upstream_pool import StaleConnection, UpstreamFailure, UpstreamPool
 
-from .helpers import wait_for
-from .scripted import Peer, Script, ScriptedServer, answering
+from ..faults import FaultServer, closed_port
+from ..helpers import wait_for
+from ..scripted import Peer, Script, ScriptedServer, answering
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HOST = [(b"Host", b"api.example.com")]
@@ -460,8 +461,6 @@ async def test_stalled_body_times_out_within_the_same_budget(
 
 # ---------------------------------------------------------------- connecting
 async def test_connection_refused(make_pool: MakePool) -> None:
-    from .faults import closed_port
-
     pool = make_pool(closed_port())
     with pytest.raises(UpstreamFailure) as caught:
         await get(pool)
@@ -480,8 +479,6 @@ async def test_connection_refused(make_pool: MakePool) -> None:
 async def test_connection_faults(
     mode: str, code: str, reason: str, ca: trustme.CA, make_pool: MakePool
 ) -> None:
-    from .faults import FaultServer
-
     server = await FaultServer(default=mode, ca=ca).start()
     try:
         pool = make_pool(server.port)
@@ -533,8 +530,6 @@ async def test_hostname_mismatch_names_the_reason(
 
 
 async def test_connect_timeout_is_504_and_unreached(make_pool: MakePool) -> None:
-    from .faults import FaultServer
-
     server = await FaultServer(default="stall").start()  # accepts, never does TLS
     try:
         pool = make_pool(server.port)
