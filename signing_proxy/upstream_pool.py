@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 from .http1 import BadResponse, Connection, ConnectionClosed, ResponseTimeout, serialize_head
@@ -155,16 +155,20 @@ class UpstreamPool:
         self,
         method: str,
         target: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: Sequence[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes] | None = None,
         *,
         content_length: int | None = None,
         timeout: float,  # noqa: ASYNC109 - it bounds the body read after the return too
     ) -> Response:
         """Send one request; return once the final response's head arrived (1xx are skipped).
-        A bytes body goes in the same write as the head, with Content-Length; a streamed one is
-        sent with Content-Length when ``content_length`` is given, else chunked. Exceptions raised
-        by a streamed body's iterator propagate unchanged."""
+
+        ``target`` (path?query) and ``headers`` go out byte for byte, in order, duplicates kept:
+        give ``Host`` and leave out Content-Length, Transfer-Encoding and Expect. A bytes body
+        goes in the same write as the head, with Content-Length; a streamed one is sent with
+        Content-Length when ``content_length`` is given, else chunked. Exceptions raised by a
+        streamed body's iterator propagate unchanged; every other failure is an
+        ``UpstreamFailure``. ``ValueError``: a CR, LF or NUL that would split the request."""
         if body is None:
             framing = b""
         elif isinstance(body, bytes):
