@@ -199,6 +199,7 @@ async def request_session_token(
             data=body,
             headers=headers,
             ssl=endpoint.ssl,
+            server_hostname=endpoint.server_hostname,
             timeout=endpoint.timeout,
             allow_redirects=False,
         ) as response:

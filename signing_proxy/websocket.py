@@ -424,6 +424,7 @@ class WebSocketRelay:
                     headers=headers,
                     protocols=protocols,
                     ssl=endpoint.ssl,
+                    server_hostname=endpoint.server_hostname,
                     autoclose=False,
                     autoping=False,
                     max_msg_size=MAX_MESSAGE_BYTES,
