@@ -1,4 +1,4 @@
-"""The ``signing-proxy`` command: serve, check, jwt, onramp-url, keygen, topper-token (CONTRACT.md).
+"""The ``signing-proxy`` command: serve, check, jwt, onramp-url, keygen, topper-token (README.md, "Commands").
 
 Exit codes: 0 fine, 1 a problem with credentials or a request, 2 usage or config error.
 """

@@ -4,7 +4,7 @@ Each signer is built once from parsed key objects (credentials.py does the parsi
 called per request. ``requires_body`` tells the relay whether it must read the request body
 before signing (HMAC covers the body) or may stream it (JWT does not).
 
-The rules implemented here are pinned down in COINBASE_AUTH.md §1 (CDP JWT) and §3 (HMAC).
+The rules implemented here are pinned down in docs/coinbase-auth.md ("CDP API keys: JWT for REST", "Legacy API keys: HMAC").
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Signer(Protocol):
 
 
 def jwt_uri(method: str, host: str, path: str) -> str:
-    """The JWT ``uri`` claim: method, host and path; no scheme, port or query (COINBASE_AUTH.md §1)."""
+    """The JWT ``uri`` claim: method, host and path; no scheme, port or query (docs/coinbase-auth.md)."""
     return f"{method.upper()} {host}{path}"
 
 
@@ -122,7 +122,7 @@ def hmac_request_path(path: str, query: str) -> str:
     """The requestPath HMAC signs.
 
     Advanced Trade (``/api/v3/...``) signs the path without the query; Sign in with Coinbase v2
-    (``/v2/...``) signs it with ``?query`` (COINBASE_AUTH.md §3). Other paths follow v2, the
+    (``/v2/...``) signs it with ``?query`` (docs/coinbase-auth.md, "Legacy API keys: HMAC"). Other paths follow v2, the
     general Coinbase rule.
     """
     if path.startswith("/api/v3/") or not query:

@@ -3,7 +3,7 @@
 An upgrade on a route is relayed to the route's upstream over TLS (its ``url`` and ``ca_file``;
 the upstream sees its own name as Host). When the route has a CDP credential, every client→upstream
 JSON text message whose ``type`` is ``subscribe`` or ``unsubscribe`` gets a fresh ``jwt``: the REST
-header and claims without ``uri`` (COINBASE_AUTH.md §2), replacing any jwt the client sent.
+header and claims without ``uri`` (docs/coinbase-auth.md, "Advanced Trade WebSocket"), replacing any jwt the client sent.
 Everything else (other text, binary, pings, pongs, close codes) passes unchanged both ways.
 
 Each direction is a reader and a writer around a queue. The reader never waits: when the queue
@@ -350,7 +350,7 @@ class WebSocketRelay:
                 "the proxy is shutting down; reconnect", code="shutting_down", status=503
             )
         if signer is not None and not isinstance(signer, CdpJwtSigner):
-            # Advanced Trade WebSocket channels authenticate with CDP key JWTs only (COINBASE_AUTH §2).
+            # Advanced Trade WebSocket channels authenticate with CDP key JWTs only (docs/coinbase-auth.md).
             raise RequestRejected(
                 f"credential '{target.credential}' is a legacy HMAC key, which cannot sign "
                 "WebSocket subscriptions; give this route a CDP credential, or none for public "

@@ -1,6 +1,6 @@
 """A stand-in for Coinbase: an aiohttp server over real TLS that verifies every request.
 
-It checks what Coinbase checks (COINBASE_AUTH.md): the JWT signature with the *public* key named
+It checks what Coinbase checks (docs/coinbase-auth.md): the JWT signature with the *public* key named
 by ``kid``, ``sub``/``iss``/``nbf``/``exp``, the ``uri`` against the method + Host + path it actually
 received, nonces never reused; or the HMAC recomputed from the bytes it received. Anything else
 gets a 401, so a functional test passes only if the proxy signed exactly what it sent.
