@@ -210,6 +210,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  rate limit: {limit.rate:g}/s, burst {limit.burst}")
     for up in config.upstreams.values():
         via = "" if up.url == f"https://{up.name}" else f" via {up.url}"
+        if up.tls_server_name is not None:
+            via += f" (TLS name {up.tls_server_name})"
         print(
             f"upstream {up.name}{via}: credential {up.credential or '(none: unsigned)'}, "
             f"timeout {up.timeout:g}s, retries {up.retries}"

@@ -49,6 +49,7 @@ async def test_example_starts_without_keys(tmp_path: Path) -> None:
 
 def test_commented_settings_are_valid_when_uncommented() -> None:
     config = parse_config(yaml.safe_load(uncommented(EXAMPLE.read_text())), EXAMPLE)
+    assert config.upstreams["api.coinbase.com"].tls_server_name == "api.coinbase.com"
     ws_user = config.upstreams["advanced-trade-ws-user.coinbase.com"]
     assert (ws_user.credential, ws_user.url) == (
         "trading",

@@ -101,6 +101,19 @@ async def test_tls_server_name_verifies_the_name_while_connecting_to_an_ip(
     assert named.server_names == [NAME, WS_NAME]
 
 
+def test_check_shows_the_tls_name(
+    tmp_path: Any, ca_file: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from signing_proxy.cli import main
+
+    from .proc import write_config
+
+    config = write_config(tmp_path / "c.yaml", _config(8443, ca_file, tls_server_name=NAME))
+    assert main(["check", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"upstream {NAME} via https://127.0.0.1:8443 (TLS name {NAME})" in out
+
+
 @pytest.mark.parametrize(
     ("upstream", "reason"),
     [
