@@ -133,3 +133,24 @@ def test_every_curl_example_reaches_the_host_it_claims() -> None:
             checked += 1
     assert not problems, "\n".join(problems)
     assert checked >= 5, checked  # the quick start's examples at least
+
+
+def test_docs_named_in_code_and_manifests_exist() -> None:
+    """Comments cite docs/<page>.md (not notes outside the repo); each page must exist."""
+    sources = [ROOT / "config.example.yaml", ROOT / "Makefile", ROOT / ".ci" / "run"]
+    for folder in ("signing_proxy", "tests", "deploy", "bench"):
+        sources.extend(
+            p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".yaml", ".json")
+        )
+    missing = set()
+    for path in sources:
+        if path == Path(__file__):  # names the notes it forbids
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert "COINBASE_AUTH" not in text and "CONTRACT.md" not in text, path
+        missing.update(
+            f"{path.relative_to(ROOT)}: {ref}"
+            for ref in re.findall(r"docs/[\w-]+\.md", text)
+            if not (ROOT / ref).is_file()
+        )
+    assert not missing, "\n".join(sorted(missing))
