@@ -1,4 +1,4 @@
-"""The ``signing-proxy`` command: serve, check, jwt, onramp-url, keygen, topper-token (CONTRACT.md).
+"""The ``signing-proxy`` command: serve, check, jwt, onramp-url, keygen, topper-token (README.md, "Commands").
 
 Exit codes: 0 fine, 1 a problem with credentials or a request, 2 usage or config error.
 """
@@ -108,12 +108,14 @@ def _public_ip(text: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import setup_logging
+    from .workers import WORKER_ENV
 
     config = _config(args)
-    setup_logging(config.log_format, config.log_level)
+    setup_logging(config.log_format, config.log_level, worker=os.environ.get(WORKER_ENV))
     if config.workers > 1:
-        from .workers import supervise, worker_command
+        from .workers import check_bindable, supervise, worker_command
 
+        check_bindable([config.listen, config.admin_listen])  # a busy port: one line, not 5 crashes
         argv = [a for a in (args.argv or []) if a]
         stop_timeout = config.min_drain + config.drain_timeout + 5
         return supervise(config.workers, worker_command(argv), stop_timeout)
@@ -121,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from .app import run
-    from .workers import MULTIPROC_ENV, WORKER_ENV
+    from .workers import MULTIPROC_ENV
 
     worker = WORKER_ENV in os.environ
     coro = run(
@@ -209,12 +211,19 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  rate limit: {limit.rate:g}/s, burst {limit.burst}")
     for up in config.upstreams.values():
         via = "" if up.url == f"https://{up.name}" else f" via {up.url}"
+        if up.tls_server_name is not None:
+            via += f" (TLS name {up.tls_server_name})"
         print(
             f"upstream {up.name}{via}: credential {up.credential or '(none: unsigned)'}, "
             f"timeout {up.timeout:g}s, retries {up.retries}"
         )
-        if up.ca_file is not None and not up.ca_file.is_file():
-            problems.append(f"upstreams.{up.name}.ca_file: {up.ca_file} does not exist")
+        if up.ca_file is not None:
+            from .relay import UpstreamEndpoint
+
+            try:
+                UpstreamEndpoint.build(up)  # loads the CA bundle as serve will
+            except ConfigError as exc:
+                problems.append(exc.message)
     router = Router(config)
     fences = {fence.route: fence for fence in router.fences}
     for route in config.routes:

@@ -11,6 +11,7 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,9 @@ class UpstreamConfig:
     timeout: float
     retries: int = 1  # re-signed retries of requests that failed before reaching the upstream
     websocket: bool = False  # WebSocket upgrades are relayed here (wss:// url, or websocket: true)
+    # The name the upstream's certificate is verified against (and sent as SNI) when url: points
+    # at an IP or a gateway; None: url:'s own host.
+    tls_server_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,18 @@ _HMAC_KEYS: Final = {
     "rate_limit",
     *(f"{b}{s}" for b in ("api_key", "api_secret") for s in ("", "_env", "_file")),
 }
-_UPSTREAM_KEYS: Final = {"credential", "url", "ca_file", "timeout", "retries", "websocket"}
+_HOST_NAME: Final = re.compile(
+    r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+_UPSTREAM_KEYS: Final = {
+    "credential",
+    "url",
+    "ca_file",
+    "timeout",
+    "retries",
+    "tls_server_name",
+    "websocket",
+}
 # Coinbase's WebSocket-only hosts: upgrades are relayed to them without a wss:// url or a flag.
 WEBSOCKET_HOSTS: Final = frozenset(
     {
@@ -414,14 +429,30 @@ def _upstream(
                 f"{where}.url",
                 "give only scheme, host and port; the request path comes from the client",
             )
+        try:
+            port = parts.port
+        except ValueError:  # urlsplit: not a number, or outside 0-65535
+            port = 0
+        if port == 0 and ":" in parts.netloc.rsplit("]", 1)[-1]:
+            raise r.fail(f"{where}.url", f"the port in {text!r} must be a number from 1 to 65535")
         url = f"{parts.scheme}://{parts.netloc}"
+    tls_server_name = None
+    if data.get("tls_server_name") is not None:
+        tls_server_name = r.string(data["tls_server_name"], f"{where}.tls_server_name").lower()
+        if not _HOST_NAME.fullmatch(tls_server_name):
+            raise r.fail(
+                f"{where}.tls_server_name",
+                f"expected a host name such as {host} (no scheme, port or path)",
+            )
     ca_file = r.file_path(data["ca_file"], f"{where}.ca_file") if data.get("ca_file") else None
     timeout = r.number(data.get("timeout", DEFAULT_UPSTREAM_TIMEOUT), f"{where}.timeout")
     retries = r.count(data.get("retries", 1), f"{where}.retries")
     websocket = data.get("websocket", url.startswith("wss://") or host in WEBSOCKET_HOSTS)
     if not isinstance(websocket, bool):
         raise r.fail(f"{where}.websocket", "expected true or false")
-    return UpstreamConfig(host, credential, url, ca_file, timeout, retries, websocket)
+    return UpstreamConfig(
+        host, credential, url, ca_file, timeout, retries, websocket, tls_server_name
+    )
 
 
 def _route(
@@ -581,6 +612,8 @@ def load_config(
         raise ConfigError(f"{file}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read config file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not a config file (not UTF-8 text)") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

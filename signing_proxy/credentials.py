@@ -1,6 +1,6 @@
 """Key material: read it (file, env var, inline), parse it once, build signers, describe them safely.
 
-Accepted formats are listed in COINBASE_AUTH.md §1: CDP key JSON, EC P-256 PEM (SEC1 or PKCS8),
+Accepted formats are listed in docs/coinbase-auth.md ("Key formats"): CDP key JSON, EC P-256 PEM (SEC1 or PKCS8),
 Ed25519 as base64 of 64 bytes (seed + public) or of the 32-byte seed, or Ed25519 PKCS8 PEM.
 Pasted keys often carry literal ``\\n`` instead of newlines; they are repaired.
 

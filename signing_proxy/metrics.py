@@ -166,6 +166,12 @@ class ProxyMetrics:
             ["credential"],
             registry=registry,
         )
+        self.malformed_requests = Counter(
+            f"{ns}_malformed_requests_total",
+            "Requests aiohttp's HTTP parser refused with 400 before the proxy saw them, by kind",
+            ["kind"],
+            registry=registry,
+        )
 
         # Label children by key: labels() costs ~2.5 µs with its lock and checks; a dict lookup
         # does not. Keys are bounded (see the module docstring), so these dicts are too.

@@ -29,7 +29,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import UpstreamConfig
-from .errors import RequestRejected, UpstreamError
+from .errors import ConfigError, RequestRejected, UpstreamError
 from .routing import Target
 from .signers import Signer
 
@@ -123,6 +123,12 @@ def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
+def _ssl_reason(exc: BaseException) -> str:
+    """OpenSSL's short reason (e.g. WRONG_VERSION_NUMBER), or the exception's type."""
+    reason = getattr(exc, "reason", None)
+    return str(reason) if reason else type(exc).__name__
+
+
 def translate_client_error(exc: BaseException, upstream: str, timeout: float) -> UpstreamError:
     """Map aiohttp/asyncio failures to stable codes. Order matters: subclasses first."""
     if isinstance(exc, TimeoutError):  # includes aiohttp.ServerTimeoutError
@@ -132,12 +138,22 @@ def translate_client_error(exc: BaseException, upstream: str, timeout: float) ->
             status=504,
         )
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        # The reason (hostname mismatch, unknown CA, expired) and the address are not secret,
+        # and without them a user pointing url: at a gateway or an IP cannot tell what is wrong.
+        cert_error = exc.certificate_error
+        reason = getattr(cert_error, "verify_message", None) or _ssl_reason(cert_error)
         return UpstreamError(
-            f"TLS certificate of {upstream} could not be verified; check the upstream's url/ca_file",
+            f"TLS certificate of {upstream} could not be verified at {exc.host}:{exc.port} "
+            f"({reason}); check the upstream's url, ca_file and tls_server_name",
             code="upstream_tls_error",
         )
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
-        return UpstreamError(f"TLS handshake with {upstream} failed", code="upstream_tls_error")
+        at = f" at {exc.host}:{exc.port}" if isinstance(exc, aiohttp.ClientConnectorError) else ""
+        cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+        return UpstreamError(
+            f"TLS handshake with {upstream}{at} failed ({_ssl_reason(cause)})",
+            code="upstream_tls_error",
+        )
     if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
         exc.os_error, ConnectionResetError
     ):
@@ -176,15 +192,25 @@ class UpstreamEndpoint:
     origin: str  # scheme://host[:port] to connect to (http(s) form for REST)
     ssl: ssl.SSLContext | bool
     timeout: aiohttp.ClientTimeout
+    server_hostname: str | None = None  # tls_server_name: SNI and the name verified
 
     @classmethod
     def build(cls, config: UpstreamConfig) -> UpstreamEndpoint:
         context: ssl.SSLContext | bool = True
         if config.ca_file is not None:
             context = ssl.create_default_context()
-            context.load_verify_locations(cafile=str(config.ca_file))
+            try:
+                context.load_verify_locations(cafile=str(config.ca_file))
+            except (OSError, ssl.SSLError) as exc:  # missing, a directory, not PEM certificates
+                reason = "no PEM certificate in it"
+                if not isinstance(exc, ssl.SSLError):
+                    reason = exc.strerror or type(exc).__name__
+                raise ConfigError(
+                    f"upstreams.{config.name}.ca_file: cannot use {config.ca_file} ({reason})"
+                ) from None
         origin = config.url.replace("wss://", "https://", 1)
-        return cls(config, origin, context, aiohttp.ClientTimeout(total=config.timeout))
+        timeout = aiohttp.ClientTimeout(total=config.timeout)
+        return cls(config, origin, context, timeout, config.tls_server_name)
 
 
 @dataclass(slots=True)
@@ -352,6 +378,7 @@ class Relay:
                     data=data,
                     allow_redirects=False,
                     ssl=endpoint.ssl,
+                    server_hostname=endpoint.server_hostname,
                     timeout=endpoint.timeout  # the whole budget on the first attempt
                     if not ex.retries
                     else aiohttp.ClientTimeout(total=max(deadline - loop.time(), 0.001)),

@@ -4,7 +4,7 @@ Each signer is built once from parsed key objects (credentials.py does the parsi
 called per request. ``requires_body`` tells the relay whether it must read the request body
 before signing (HMAC covers the body) or may stream it (JWT does not).
 
-The rules implemented here are pinned down in COINBASE_AUTH.md §1 (CDP JWT). The HMAC family
+The rules implemented here are pinned down in docs/coinbase-auth.md ("CDP API keys: JWT for REST"). The HMAC family
 (legacy keys, Exchange, Prime, INTX) lives in hmac_signers.py; its names are re-exported here.
 """
 
@@ -66,7 +66,7 @@ class Signer(Protocol):
 
 
 def jwt_uri(method: str, host: str, path: str) -> str:
-    """The JWT ``uri`` claim: method, host and path; no scheme, port or query (COINBASE_AUTH.md §1)."""
+    """The JWT ``uri`` claim: method, host and path; no scheme, port or query (docs/coinbase-auth.md)."""
     return f"{method.upper()} {host}{path}"
 
 
@@ -88,7 +88,7 @@ class CdpJwtSigner:
     """
 
     requires_body: ClassVar[bool] = False
-    # Advanced Trade WebSocket: a fresh jwt in every (un)subscribe message (COINBASE_AUTH.md §2).
+    # Advanced Trade WebSocket: a fresh jwt in every (un)subscribe message (docs/coinbase-auth.md, "Advanced Trade WebSocket").
     websocket_messages: ClassVar[frozenset[str]] = frozenset({"subscribe", "unsubscribe"})
 
     def __init__(self, key_name: str, private_key: PrivateKey, *, clock: Clock = time.time):

@@ -118,13 +118,25 @@ def test_check_shows_policies_rate_limits_and_retries(
     assert "  policy: allow everything not denied; deny DELETE /**" in out
 
 
-def test_check_fails_naming_the_problem() -> None:
-    result = run_cli("check", "-c", str(ROOT / "config.example.yaml"))
+def test_check_fails_naming_the_problem(tmp_path: Path) -> None:
+    # A copy: what the user keeps in the checkout's secrets/ must not change the outcome.
+    config = shutil.copy(ROOT / "config.example.yaml", tmp_path / "config.yaml")
+    result = run_cli("check", "-c", str(config))
     assert result.returncode == 1
     assert (
         "credential 'trading'" in result.stderr
         and "cdp_api_key.json does not exist" in result.stderr
     )
+
+
+def test_check_passes_once_the_quick_start_key_is_saved(tmp_path: Path, ec_key_file: Path) -> None:
+    """Quick start step 1 (a key in secrets/ next to the example) makes `check` pass."""
+    config = shutil.copy(ROOT / "config.example.yaml", tmp_path / "config.yaml")
+    (tmp_path / "secrets").mkdir()
+    shutil.copy(ec_key_file, tmp_path / "secrets" / "cdp_api_key.json")
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "credential trading: ES256 key" in result.stdout
 
 
 def test_check_config_error_exit_2(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """A stand-in for Coinbase: an aiohttp server over real TLS that verifies every request.
 
-It checks what Coinbase checks (COINBASE_AUTH.md): the JWT signature with the *public* key named
+It checks what Coinbase checks (docs/coinbase-auth.md): the JWT signature with the *public* key named
 by ``kid``, ``sub``/``iss``/``nbf``/``exp``, the ``uri`` against the method + Host + path it actually
 received, nonces never reused; or the HMAC recomputed from the bytes it received. Anything else
 gets a 401, so a functional test passes only if the proxy signed exactly what it sent.
@@ -117,7 +117,9 @@ class VerifyingUpstream:
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)  # any path, even %0a
         app.on_response_prepare.append(self._date)
-        self._runner = web.AppRunner(app, access_log=None)
+        # shutdown_timeout: at teardown, a handler still sleeping in /slow (its client long gone)
+        # is not waited out for aiohttp's default 60 s.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
         await site.start()
