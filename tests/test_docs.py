@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import yaml
 
-from signing_proxy.config import load_config
+from signing_proxy.config import load_config, parse_config
 from signing_proxy.errors import RequestRejected
 from signing_proxy.routing import Router
 
@@ -74,16 +76,42 @@ def _claims() -> list[tuple[str, str]]:
     return sorted(claims, key=lambda c: -len(c[0]))
 
 
-def _curls() -> list[tuple[str, str]]:
-    """(where, command) for every curl command in a code block of the README and docs/."""
+def _curls() -> list[tuple[Path, str]]:
+    """(doc, command) for every curl command in a code block of the README and docs/."""
     found = []
     for doc in DOCS:
         for block in _FENCE.findall(doc.read_text(encoding="utf-8")):
             joined = re.sub(r"\\\n\s*", " ", block)
             for line in joined.splitlines():
                 if line.lstrip().startswith("curl "):
-                    found.append((doc.name, line.strip()))
+                    found.append((doc, line.strip()))
     return found
+
+
+def _routers(doc: Path) -> dict[str, Router]:
+    """The example configs, plus what the page itself configures: a page for an optional API
+    (venues, derivatives) shows the upstreams and routes its curl examples rely on."""
+    page: dict[str, Any] = {"credentials": {}, "upstreams": {}, "routes": []}
+    for block in re.findall(r"^```yaml\n(.*?)^```", doc.read_text(encoding="utf-8"), re.M | re.S):
+        try:
+            data = yaml.safe_load(block)
+        except yaml.YAMLError:
+            continue
+        if isinstance(data, dict) and ("upstreams" in data or "routes" in data):
+            for key in ("credentials", "upstreams"):
+                page[key].update(data.get(key) or {})
+            page["routes"].extend(data.get("routes") or [])
+    routers = {}
+    for config in CONFIGS:
+        if not page["upstreams"] and not page["routes"]:
+            routers[config.name] = Router(load_config(config))
+            continue
+        raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+        raw["credentials"] = {**(raw.get("credentials") or {}), **page["credentials"]}
+        raw["upstreams"] = {**raw["upstreams"], **page["upstreams"]}
+        raw["routes"] = [*page["routes"], *raw.get("routes", [])]
+        routers[config.name] = Router(parse_config(raw, config))
+    return routers
 
 
 def _expected(url: str, proxy: str | None, comment: str, claims: list[tuple[str, str]]) -> str:
@@ -103,10 +131,10 @@ def _expected(url: str, proxy: str | None, comment: str, claims: list[tuple[str,
 
 def test_every_curl_example_reaches_the_host_it_claims() -> None:
     claims = _claims()
-    routers = {config.name: Router(load_config(config)) for config in CONFIGS}
     checked = 0
     problems = []
-    for where, line in _curls():
+    for doc, line in _curls():
+        where, routers = doc.name, _routers(doc)
         command, _, comment = line.partition(" #")
         proxy_flag = re.search(r"(?:-x|--proxy)\s+['\"]?(http://[^\s'\"]+)", command)
         proxy = proxy_flag[1] if proxy_flag else None
