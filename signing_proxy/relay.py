@@ -32,6 +32,7 @@ from .config import UpstreamConfig
 from .errors import RequestRejected, UpstreamError
 from .routing import Target
 from .signers import Signer
+from .wallet_auth import WALLET_HEADER
 
 __all__ = [
     "Exchange",
@@ -71,6 +72,7 @@ _REQUEST_DROP: Final = HOP_BY_HOP | {
     "content-length",
     "expect",
     "x-signing-proxy-token",
+    "x-wallet-auth",  # CDP v2: the proxy's Wallet Secret signs it, or nothing does
 }
 # aiohttp adds these when absent; a proxy must send only what the client sent.
 _NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -181,6 +183,7 @@ class Exchange:
     error: str | None = None
     retries: int = 0
     upstream_date: str | None = None  # the upstream's Date header, for the clock skew gauge
+    wallet_tokens: int = 0  # X-Wallet-Auth tokens minted (one per attempt)
 
 
 def create_session() -> aiohttp.ClientSession:
@@ -321,7 +324,9 @@ class Relay:
             if signer is not None:
                 s0 = time.perf_counter()
                 # Fresh for every attempt: a nonce or timestamp is never sent twice.
-                headers.update(signer.sign(method, host, target.path, target.query, body))
+                signed = signer.sign(method, host, target.path, target.query, body)
+                headers.update(signed)
+                ex.wallet_tokens += WALLET_HEADER in signed
                 ex.sign_seconds += time.perf_counter() - s0
             data: bytes | AsyncIterator[bytes] | None = body
             if stream is not None:
@@ -368,7 +373,7 @@ class Relay:
 
         body: bytes | None = None
         stream: _BodyStream | None = None
-        if signer is not None and signer.requires_body:
+        if signer is not None and signer.needs_body(request.method, host, target.path):
             body = await self._read_body(request, timeout)
             if not body and not request.body_exists:
                 body = None
