@@ -137,6 +137,8 @@ class WalletVerifier:
             data
         ):
             problem = f"Missing required parameters: {sorted(missing)}"
+        elif not re.fullmatch(r"0x[0-9a-fA-F]{40}", str(data["destinationAddress"])):
+            problem = "The destination address is not valid for the specified network."
         else:
             problem = ""
         if problem:
