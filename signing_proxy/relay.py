@@ -239,7 +239,7 @@ async def read_capped_body(
     cap: int,
     *,
     limit: str = "max_body_bytes",
-    why: str = "HMAC signing must read the whole body",
+    why: str = "signing must read the whole body",
 ) -> bytes:
     """The whole request body, refused with 413 above ``cap`` bytes (read no further than that)."""
     declared = request.content_length
