@@ -60,3 +60,9 @@ def test_commented_settings_are_valid_when_uncommented() -> None:
     assert settings is not None and settings.environment == "production"
     assert settings.private_key.ref == str(EXAMPLE.parent / "secrets" / "topper.jwk.json")
     assert {"from-env", "legacy"} <= set(config.credentials) and config.inbound_token is not None
+    wallet = config.credentials["trading"].wallet_secret
+    assert wallet is not None and wallet.ref == str(
+        EXAMPLE.parent / "secrets" / "cdp_wallet_secret"
+    )
+    cdp = config.upstreams["api.cdp.coinbase.com"]
+    assert cdp.jwt_uri_claim == "uris" and len(cdp.wallet_rules) == 26 + 14 + 1
