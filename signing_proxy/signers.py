@@ -180,7 +180,7 @@ class HmacSigner:
         self._clock = clock
 
     def needs_body(self, method: str, host: str, path: str) -> bool:
-        return True
+        return self.requires_body  # every request: the HMAC covers the body
 
     def sign(
         self, method: str, host: str, path: str, query: str, body: bytes | None
