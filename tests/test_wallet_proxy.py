@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from signing_proxy.wallet_rules import OPTIONAL_OPERATIONS, REQUIRED_OPERATIONS
 
 from .conftest import EC_KEY_NAME, MakeProxy, wallet_secret
 from .helpers import base, fetch, metric, wait_for
+from .test_cli import run_async
 from .test_wallet_auth import concrete
 from .upstream import VerifyingUpstream
 
@@ -272,3 +274,23 @@ async def test_uri_claim_form_per_upstream(
     signed = f"GET {host}{path}"
     assert claims[form] == (signed if form == "uri" else [signed])
     assert ({"uri", "uris"} - {form}).isdisjoint(claims)
+
+
+async def test_the_readme_curl_examples(wproxy: ProxyServer, upstream: VerifyingUpstream) -> None:
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is required (.ci/run installs it)"
+    path = "/platform/v2/evm/accounts"
+    code, out, err = await run_async(
+        [curl, "-sS", "-X", "POST", base(wproxy) + path, "-H", "Content-Type: application/json",
+         "-d", '{"name":"treasury"}']
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["auth"] == "jwt"
+    claims = wallet_claims(upstream, path)
+    assert claims["reqHash"] == hashlib.sha256(b'{"name":"treasury"}').hexdigest()
+    code, out, err = await run_async(
+        [curl, "-sS", "-x", base(wproxy), "-X", "POST", f"http://{HOST}/platform/v2/solana/accounts",
+         "-d", "{}"]
+    )  # fmt: skip
+    assert code == 0 and json.loads(out)["auth"] == "jwt", err
+    assert "reqHash" not in wallet_claims(upstream, "/platform/v2/solana/accounts")
