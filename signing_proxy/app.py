@@ -235,6 +235,9 @@ class ProxyServer:
                         # aiohttp has no separate header timeout: this bounds both the wait for a
                         # complete request head (slowloris) and idle keep-alive connections.
                         keepalive_timeout=self.config.header_timeout,
+                        # Bodies pass through as the client sent them: never inflated on the proxy
+                        # (a desync if Content-Length described the other form; CPU for anyone).
+                        auto_decompress=False,
                     ),
                     self.state.on_shutdown,
                     shutdown_timeout=self.config.drain_timeout,
@@ -248,6 +251,7 @@ class ProxyServer:
                     shutdown_timeout=self.config.drain_timeout,
                     handler_cancellation=True,
                     keepalive_timeout=self.config.header_timeout,
+                    auto_decompress=False,
                 ),
                 self.config.admin_listen,
             ),

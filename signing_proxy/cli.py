@@ -191,6 +191,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .credentials import CredentialStore, read_secret
+    from .routing import Router, describe_fence
 
     config = _config(args)
     print(f"config {config.path}: ok")
@@ -219,11 +220,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
         if up.ca_file is not None and not up.ca_file.is_file():
             problems.append(f"upstreams.{up.name}.ca_file: {up.ca_file} does not exist")
+    router = Router(config)
+    fences = {fence.route: fence for fence in router.fences}
     for route in config.routes:
         signed_by = route.credential or config.upstreams[route.upstream].credential
         print(f"route {route.prefix} -> {route.upstream} (credential {signed_by or 'none'})")
         if route.policy is not None:
             print(f"  policy: {route.policy.describe()}")
+            print("\n".join(describe_fence(router, fences[route.prefix])))
+    print(
+        "forward-proxy mode (absolute URLs, curl -x): "
+        + ("on" if config.forward_proxy else "off (forward_proxy: false)")
+    )
     if config.inbound_token is not None:
         try:
             read_secret(config.inbound_token)

@@ -101,6 +101,7 @@ class UpstreamConfig:
     ca_file: Path | None
     timeout: float
     retries: int = 1  # re-signed retries of requests that failed before reaching the upstream
+    websocket: bool = False  # WebSocket upgrades are relayed here (wss:// url, or websocket: true)
     jwt_uri_claim: Literal["uri", "uris"] = "uri"  # the CDP JWT's claim form for this host
     wallet_rules: tuple[WalletRule, ...] = ()  # requests that get X-Wallet-Auth
 
@@ -152,6 +153,7 @@ class Config:
     log_level: str = "INFO"
     access_log: bool = True
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    forward_proxy: bool = True  # absolute-form (curl -x) requests; false: refused
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by optional features
 
 
@@ -167,6 +169,7 @@ OVERRIDABLE: Final = (
     "access_log",
     "event_loop",
     "max_body_bytes",
+    "forward_proxy",
 )
 ENV_PREFIX: Final = "SIGNING_PROXY_"
 
@@ -182,6 +185,7 @@ _TOP_KEYS: Final = {
     "inbound_auth",
     "log_format",
     "log_level",
+    "forward_proxy",
 }
 _EXTRA_KEYS: Final = {"topper"}  # parsed by the feature that owns them
 _CDP_KEYS: Final = {
@@ -207,9 +211,22 @@ _UPSTREAM_KEYS: Final = {
     "ca_file",
     "timeout",
     "retries",
+    "websocket",
     "jwt_uri_claim",
     "wallet_auth",
 }
+# Coinbase's WebSocket-only hosts: upgrades are relayed to them without a wss:// url or a flag.
+WEBSOCKET_HOSTS: Final = frozenset(
+    {
+        "advanced-trade-ws.coinbase.com",
+        "advanced-trade-ws-user.coinbase.com",
+        "ws-feed.exchange.coinbase.com",
+        "ws-direct.exchange.coinbase.com",
+        "ws-feed-public.sandbox.exchange.coinbase.com",
+        "ws-direct.sandbox.exchange.coinbase.com",
+        "streams.drb.coinbase.com",
+    }
+)
 _ROUTE_KEYS: Final = {"prefix", "upstream", "credential", "strip_prefix", "policy"}
 _LOG_LEVELS: Final = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
@@ -407,11 +424,16 @@ def _upstream(
     ca_file = r.file_path(data["ca_file"], f"{where}.ca_file") if data.get("ca_file") else None
     timeout = r.number(data.get("timeout", DEFAULT_UPSTREAM_TIMEOUT), f"{where}.timeout")
     retries = r.count(data.get("retries", 1), f"{where}.retries")
+    websocket = data.get("websocket", url.startswith("wss://") or host in WEBSOCKET_HOSTS)
+    if not isinstance(websocket, bool):
+        raise r.fail(f"{where}.websocket", "expected true or false")
     claim = data.get("jwt_uri_claim", "uris" if host in URIS_CLAIM_HOSTS else "uri")
     if claim not in ("uri", "uris"):
         raise r.fail(f"{where}.jwt_uri_claim", "expected uri or uris")
     wallet_rules = WalletRules.defaults(host) + _wallet_paths(r, data, where)
-    return UpstreamConfig(host, credential, url, ca_file, timeout, retries, claim, wallet_rules)
+    return UpstreamConfig(
+        host, credential, url, ca_file, timeout, retries, websocket, claim, wallet_rules
+    )
 
 
 def _wallet_paths(r: _Reader, data: Mapping[str, Any], where: str) -> tuple[WalletRule, ...]:
@@ -536,6 +558,9 @@ def parse_config(
     access_log = data.get("access_log", True)
     if not isinstance(access_log, bool):
         raise r.fail("access_log", "expected true or false")
+    forward_proxy = data.get("forward_proxy", True)
+    if not isinstance(forward_proxy, bool):
+        raise r.fail("forward_proxy", "expected true or false")
     log_level = str(data.get("log_level", "INFO")).upper()
     if log_level not in _LOG_LEVELS:
         raise r.fail("log_level", f"expected one of {', '.join(sorted(_LOG_LEVELS))}")
@@ -569,6 +594,7 @@ def parse_config(
         log_level=log_level,
         access_log=access_log,
         event_loop=event_loop,
+        forward_proxy=forward_proxy,
         extra={k: data[k] for k in _EXTRA_KEYS if k in data},
     )
 

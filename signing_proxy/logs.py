@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, Final, Literal, TextIO
@@ -18,6 +19,18 @@ from typing import Any, Final, Literal, TextIO
 __all__ = ["ACCESS_LOGGER", "AccessLog", "JsonFormatter", "TextFormatter", "setup_logging"]
 
 ACCESS_LOGGER: Final = "signing_proxy.access"
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+# What may stand unquoted in a text line: no control or separator characters, quotes or '='.
+_TEXT_SAFE: Final = re.compile(r'[^\x00-\x20\x7f-\xa0\u2028\u2029"=\\]+')
+
+
+def text_value(value: Any) -> str:
+    """A field value for a text line: as it is when plain, else JSON-quoted, so control characters
+    are escaped and one line stays one line whatever a client put in a path or header."""
+    text = value if isinstance(value, str) else str(value)
+    return text if _TEXT_SAFE.fullmatch(text) else json.dumps(text)
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -46,9 +59,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        if _CONTROL.search(line):  # a message quoting client input: escape, keep one line
+            line = _CONTROL.sub(lambda m: json.dumps(m.group(0))[1:-1], line)
         fields = _fields(record)
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            line += " " + " ".join(f"{k}={text_value(v)}" for k, v in fields.items())
         return line
 
     def formatException(self, ei: Any) -> str:
@@ -100,7 +115,7 @@ class AccessLog:
         else:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
             stamp += f",{int((now % 1) * 1000):03d} INFO    {ACCESS_LOGGER}: request "
-            line = stamp + " ".join(f"{k}={v}" for k, v in fields.items())
+            line = stamp + " ".join(f"{k}={text_value(v)}" for k, v in fields.items())
         self._pending.append(line)
         if len(self._pending) >= self.FLUSH_LINES:
             self.flush()

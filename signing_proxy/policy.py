@@ -7,10 +7,11 @@ matches within one path segment and ``**`` matches any number of segments (``/ap
 Deny wins. If an allow list is given, anything it does not match is denied.
 
 Servers do not all read a path the same way, so a rule is checked against every reading of the
-path a server might plausibly make: percent-decoded (``%6frders`` is ``orders``, ``%2F`` is ``/``),
-with repeated slashes collapsed, with a trailing slash dropped, and in any letter case. A request
-is denied if *any* reading matches a deny rule, and allowed only if *every* reading matches an
-allow rule. Dot-segments never get here: the router refuses them.
+path a server might plausibly make (``paths.readings``: percent-decoded once or more, ``%2F`` and
+``\\`` as ``/``, ``;parameters`` dropped, repeated slashes collapsed, a trailing slash dropped,
+dot-segments resolved), in any letter case. A request is denied if *any* reading matches a deny
+rule, and allowed only if *every* reading matches an allow rule. A ``GET`` rule covers ``HEAD``
+too: HEAD answers with GET's headers, so it reveals what GET would.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import unquote
+
+from .paths import readings as path_readings
 
 __all__ = ["Policy", "PolicyError", "Rule", "path_readings"]
 
 _METHOD: Final = re.compile(r"[A-Z]{1,16}|\*")
-_SLASHES: Final = re.compile(r"/{2,}")
 
 
 class PolicyError(ValueError):
@@ -74,21 +75,8 @@ class Rule:
         return cls(text, method, _glob_to_regex(glob))
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.method == "*" or self.method == method) and bool(self.pattern.fullmatch(path))
-
-
-def path_readings(path: str) -> set[str]:
-    """The path as different servers could understand it (see the module docstring)."""
-    readings = {path}
-    decoded = unquote(path, errors="surrogateescape")
-    if decoded != path:
-        readings.add(decoded)
-    for reading in list(readings):
-        collapsed = _SLASHES.sub("/", reading)
-        readings.add(collapsed)
-        if len(collapsed) > 1 and collapsed.endswith("/"):
-            readings.add(collapsed.rstrip("/") or "/")
-    return readings
+        applies = self.method in ("*", method) or (self.method == "GET" and method == "HEAD")
+        return applies and bool(self.pattern.fullmatch(path))
 
 
 @dataclass(frozen=True)

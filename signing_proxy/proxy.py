@@ -27,7 +27,7 @@ from .errors import JSON_CONTENT_TYPE, ProxyError, RequestRejected
 from .logs import AccessLog
 from .metrics import ProxyMetrics, method_label
 from .ratelimit import TokenBucket
-from .relay import Exchange, Relay
+from .relay import END_TO_END, Exchange, Relay, connection_tokens
 from .routing import Router, Target
 from .signers import Signer, hmac_request_path, jwt_uri
 from .topper import ALGORITHM, BOOTSTRAP_PATH, CREDENTIAL_LABEL, TopperEndpoint
@@ -40,6 +40,27 @@ log = logging.getLogger(__name__)
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 TOKEN_HEADER: Final = "X-Signing-Proxy-Token"  # noqa: S105 - a header name
 _WS_FINISH_SECONDS: Final = 5.0  # how long a relay whose client vanished gets to close up
+_METHOD: Final = re.compile(r"[A-Z]{1,20}")
+# Headers some frameworks read as "use this method instead" (Rails, Express, ASP.NET).
+_METHOD_OVERRIDES: Final = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def _answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Send a refusal whose request body was never read, then close: aiohttp would otherwise
+    linger up to 10 s reading (and so paying for) a body nobody wants."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # the answer is written; closing flushes it first
+
+
+async def _send_continue(request: web.BaseRequest) -> None:
+    """Answer ``Expect: 100-continue`` once the request has passed every check: only then may
+    the client send its body (RFC 9110 §10.1.1). A refused request never gets one, and its body
+    is never read (the connection is closed after the error)."""
+    if request.version >= (1, 1) and "Expect" in request.headers and not request.content.is_eof():
+        await request.writer.write(_CONTINUE)
 
 
 def _frames(exc: BaseException) -> list[str]:
@@ -75,7 +96,6 @@ class ProxyHandler:
     ):
         self.access_log = access_log
         self.topper = topper
-        self.websockets = WebSocketRelay(relay.session, relay.endpoints, credentials, metrics)
         self.router = router
         self.credentials = credentials
         self.relay = relay
@@ -87,6 +107,11 @@ class ProxyHandler:
             for cred in credentials
             if cred.config.rate_limit is not None
         }
+        self.websockets = WebSocketRelay(
+            relay.session, relay.endpoints, credentials, metrics, buckets=self.buckets
+        )
+        topper_limit = topper.settings.rate_limit if topper is not None else None
+        self._topper_bucket = TokenBucket(topper_limit) if topper_limit is not None else None
         self.skew = ClockSkewMonitor(metrics)
         self.unauthorized = UnauthorizedReporter(metrics)
 
@@ -103,6 +128,32 @@ class ProxyHandler:
                 f"request headers total {size} bytes, over max_header_bytes ({self.max_header_bytes})",
                 code="headers_too_large",
                 status=431,
+            )
+        if not _METHOD.fullmatch(request.method):
+            # "post" is another method than POST to HTTP, but not to every server; the JWT signs
+            # the upper-case form, so only that form is forwarded.
+            raise RequestRejected(
+                f"method {request.method[:20]!r} is not an upper-case HTTP method",
+                code="bad_method",
+            )
+        for name in _METHOD_OVERRIDES:
+            if name in request.headers:
+                raise RequestRejected(
+                    f"{name} is refused: the upstream could execute another method than the one "
+                    "checked and signed; send the real method",
+                    code="method_override_refused",
+                )
+        named = connection_tokens(request.headers)
+        if named & END_TO_END:
+            raise RequestRejected(
+                f"Connection names {', '.join(sorted(named & END_TO_END))}, which describe the "
+                "request for every recipient and cannot be hop-by-hop",
+                code="bad_connection_header",
+            )
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.strip().lower() != "100-continue":
+            raise RequestRejected(
+                "only 'Expect: 100-continue' is supported", code="expectation_failed", status=417
             )
         coding = request.headers.get("Transfer-Encoding")
         if coding is not None and coding.strip().lower() != "chunked":
@@ -126,13 +177,13 @@ class ProxyHandler:
                     status=403,
                 )
 
-    def _check_rate(self, credential: str | None) -> None:
-        bucket = self.buckets.get(credential) if credential else None
-        if bucket is None:
+    def _check_rate(self, credential: str | None, bucket: TokenBucket | None = None) -> None:
+        if bucket is None and credential is not None:
+            bucket = self.buckets.get(credential)
+        if bucket is None or credential is None:
             return
         wait = bucket.acquire()
         if wait > 0:
-            assert credential is not None
             self.metrics.rate_limited.labels(credential).inc()
             seconds = TokenBucket.retry_after(wait)
             raise RequestRejected(
@@ -205,6 +256,8 @@ class ProxyHandler:
             if self.topper is not None and self.topper.handles(request):
                 # Minted here, not routed: the answer is the token (COINBASE_AUTH.md §5).
                 local_route, credential = BOOTSTRAP_PATH, CREDENTIAL_LABEL
+                self._check_rate(CREDENTIAL_LABEL, self._topper_bucket)
+                await _send_continue(request)
                 response = await self.topper(request)
                 ex.status = response.status
                 self.metrics.tokens.labels(CREDENTIAL_LABEL, ALGORITHM).inc()
@@ -214,7 +267,17 @@ class ProxyHandler:
                 self._check_policy(request, target)
                 self._check_rate(credential)
                 signer = self.credentials.signer(credential) if credential else None
-                if is_websocket_upgrade(request):
+                upgrade = is_websocket_upgrade(request)
+                if upgrade and not target.upstream.websocket:
+                    raise RequestRejected(
+                        f"{target.upstream.name} is not configured for WebSocket: give it a "
+                        "wss:// url (or websocket: true) to relay upgrades to it",
+                        code="websocket_not_allowed",
+                        status=403,
+                    )
+                if not upgrade:
+                    await _send_continue(request)
+                if upgrade:
                     # The handshake is not signed: the relay puts JWTs in subscribe messages.
                     # Shielded: aiohttp cancels the handler when the client's TCP connection
                     # ends, but the relay must still close the upstream and count the close.
@@ -262,16 +325,15 @@ class ProxyHandler:
             response = error_response(internal, request_id)
         finally:
             self.metrics.in_flight.dec()
-        if ex.error:
-            self.metrics.errors.labels(ex.error).inc()  # rare: no child cache needed
-            if not response.prepared and request.body_exists and not request.content.is_eof():
-                # Refused with its body unread: close rather than linger draining it.
-                response.force_close()
         self._account(
             request, request_id, target, credential, ex, time.perf_counter() - started, local_route
         )
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
+        if ex.error:
+            self.metrics.errors.labels(ex.error).inc()  # rare: no child cache needed
+            if not response.prepared and request.body_exists and not request.content.is_eof():
+                await _answer_and_close(request, response)
         return response
 
     def _account(
@@ -296,7 +358,7 @@ class ProxyHandler:
                     "method": request.method,
                     "upstream": upstream,
                     "route": route,
-                    "path": target.path if target else request.path[:256],
+                    "path": target.path if target else request.raw_path[:256],
                     "credential": credential,
                     "status": ex.status,
                     "error": ex.error,

@@ -35,9 +35,11 @@ from .signers import Signer
 from .wallet_auth import WALLET_HEADER
 
 __all__ = [
+    "END_TO_END",
     "Exchange",
     "Relay",
     "UpstreamEndpoint",
+    "connection_tokens",
     "create_session",
     "filter_request_headers",
     "filter_response_headers",
@@ -74,22 +76,38 @@ _REQUEST_DROP: Final = HOP_BY_HOP | {
     "x-signing-proxy-token",
     "x-wallet-auth",  # CDP v2: the proxy's Wallet Secret signs it, or nothing does
 }
+# Request headers a client may not name in Connection: they describe the body or the target for
+# every recipient (RFC 9110 §7.6.1), so dropping them would change what the upstream executes.
+END_TO_END: Final = frozenset(
+    {"content-length", "content-encoding", "content-type", "content-range", "host", "expect"}
+)
+# Owned by the proxy whatever the spelling: some servers read '_' as '-' (CGI, WSGI), so
+# CB_ACCESS_SIGN must not slip past a filter on CB-ACCESS-*.
+_OWNED_PREFIXES: Final = ("cb-access-", "x-cb-access-")
+_OWNED: Final = _REQUEST_DROP | {"x-wallet-auth"}
 # aiohttp adds these when absent; a proxy must send only what the client sent.
 _NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
-    value = headers.get("Connection")
-    return {t.strip().lower() for t in value.split(",")} if value else set()
+def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    """The header names listed in every Connection header (a client may send several)."""
+    return {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    }
 
 
 def filter_request_headers(headers: CIMultiDictProxy[str], host: str) -> CIMultiDict[str]:
     """Client headers fit to send upstream: no hop-by-hop, no client auth, Host = upstream name."""
-    named = _connection_tokens(headers)
+    named = connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower in _REQUEST_DROP or lower in named or lower.startswith("cb-access-"):
+        if "_" in lower:
+            lower = lower.replace("_", "-")
+        if lower in _OWNED or lower in named or lower.startswith(_OWNED_PREFIXES):
             continue
         out.add(name, value)
     out["Host"] = host
@@ -97,7 +115,7 @@ def filter_request_headers(headers: CIMultiDictProxy[str], host: str) -> CIMulti
 
 
 def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    named = _connection_tokens(headers)
+    named = connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()

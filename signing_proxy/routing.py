@@ -7,7 +7,16 @@ Two ways in:
 
 The path is kept exactly as the client wrote it (percent-encoding untouched), because the upstream
 checks the signature against the path it receives. Paths that a server could resolve to something
-else than what was signed (dot-segments, control characters) are refused instead.
+else than what was signed (dot-segments and control characters, in any encoding: paths.py) are
+refused instead.
+
+Policies are fences, not URL spellings. A request gets the policy of its credential and every
+route policy that holds where it goes (``Fence``): a route without ``strip_prefix`` fences the
+upstream paths under its prefix (in any reading of the path) for every request to that upstream;
+a route with ``strip_prefix`` can produce any upstream path, so it fences everything its
+credential signs for that upstream — whichever route or proxy mode the request came by. So a
+second route, a ``//v2`` or ``/V2`` spelling that falls through to ``/``, or ``curl -x`` reach no
+signature that a route's policy forbids.
 """
 
 from __future__ import annotations
@@ -21,13 +30,16 @@ from yarl import URL
 
 from .config import Config, RouteConfig, UpstreamConfig
 from .errors import RequestRejected
+from .paths import problem, readings
 from .policy import Policy
 
 __all__ = [
     "MAX_ROUTE_LABELS",
+    "Fence",
     "RouteTemplates",
     "Router",
     "Target",
+    "describe_fence",
     "prefix_matches",
     "split_target",
 ]
@@ -36,7 +48,6 @@ MAX_ROUTE_LABELS: Final = 200  # with histogram buckets, ~4k series per upstream
 _PATH_CACHE: Final = 4096
 _MAX_TEMPLATE_DEPTH: Final = 8
 _WORD: Final = re.compile(r"[a-z][a-z_]{0,39}|v[0-9]{1,2}")
-_DOT_SEGMENT: Final = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
 _BAD_CHARS: Final = re.compile(r"[\x00-\x20\x7f#]")
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -62,12 +73,9 @@ def split_target(raw: str) -> tuple[str, str]:
         raise RequestRejected(
             "request target contains control characters, spaces or '#'", code="bad_path"
         )
-    if _DOT_SEGMENT.search(path):
-        raise RequestRejected(
-            "paths with '.' or '..' segments are refused: the upstream could resolve them to a "
-            "different path than the one signed",
-            code="bad_path",
-        )
+    why = problem(path)
+    if why is not None:
+        raise RequestRejected(why, code="bad_path")
     return path, query
 
 
@@ -76,6 +84,30 @@ def prefix_matches(prefix: str, path: str) -> bool:
     if not path.startswith(prefix):
         return False
     return prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] == "/"
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A route's policy, held around the upstream paths its route can reach (module docstring).
+
+    A route that keeps its prefix reaches the upstream paths under it: the fence holds there for
+    every request, whatever its credential. A ``strip_prefix`` route can reach any upstream path:
+    the fence holds for every request its credential signs for that upstream.
+    """
+
+    route: str  # the route's prefix, for messages and `check`
+    upstream: str
+    credential: str | None
+    covers: str | None  # upstream paths under this prefix (any reading); None: all of them
+    policy: Policy
+
+    def applies(self, upstream: str, credential: str | None, path: str) -> bool:
+        if upstream != self.upstream:
+            return False
+        if self.covers is None:
+            return credential == self.credential
+        covers = self.covers.lower()
+        return any(prefix_matches(covers, reading.lower()) for reading in readings(path))
 
 
 class RouteTemplates:
@@ -123,12 +155,25 @@ class Router:
         self.upstreams: Mapping[str, UpstreamConfig] = config.upstreams
         self.routes: tuple[RouteConfig, ...] = config.routes
         self.templates = RouteTemplates()
+        self.forward_proxy = config.forward_proxy
         self._credential_policy = {
             name: cred.policy for name, cred in config.credentials.items() if cred.policy
         }
+        self.fences = tuple(
+            Fence(
+                route.prefix,
+                route.upstream,
+                route.credential or self.upstreams[route.upstream].credential,
+                None if route.strip_prefix else route.prefix,
+                route.policy,
+            )
+            for route in self.routes
+            if route.policy is not None
+        )
 
-    def _policies(self, route: RouteConfig | None, credential: str | None) -> tuple[Policy, ...]:
-        found = [route.policy] if route is not None and route.policy is not None else []
+    def _policies(self, upstream: str, credential: str | None, path: str) -> tuple[Policy, ...]:
+        """Every policy that holds for this credential at this upstream path (module docstring)."""
+        found = [f.policy for f in self.fences if f.applies(upstream, credential, path)]
         if credential is not None and credential in self._credential_policy:
             found.append(self._credential_policy[credential])
         return tuple(found)
@@ -159,7 +204,7 @@ class Router:
                 credential = route.credential or upstream.credential
                 return Target(
                     upstream, credential, sent, query, self.templates(route.prefix, sent),
-                    self._policies(route, credential),
+                    self._policies(upstream.name, credential, sent),
                 )  # fmt: skip
         raise RequestRejected(
             f"no route matches {path[:200]!r}; add a routes: entry, or send an absolute URL "
@@ -169,6 +214,13 @@ class Router:
         )
 
     def resolve_absolute(self, url: URL, raw_target: str) -> Target:
+        if not self.forward_proxy:
+            raise RequestRejected(
+                "forward-proxy requests (absolute URLs, curl -x) are turned off on this proxy "
+                "(forward_proxy: false); send origin-form requests to its routes instead",
+                code="forward_proxy_disabled",
+                status=403,
+            )
         if url.raw_user is not None or url.raw_password is not None:
             # "http://api.coinbase.com@evil.com/": parsers disagree on such authorities; none is ours.
             raise RequestRejected(
@@ -207,5 +259,45 @@ class Router:
         path, query = split_target(origin_form)
         return Target(
             upstream, upstream.credential, path, query, self.templates(f"{host}/", path),
-            self._policies(None, upstream.credential),
+            self._policies(host, upstream.credential, path),
         )  # fmt: skip
+
+
+def describe_fence(router: Router, fence: Fence) -> list[str]:
+    """How a route policy combines with the rest of the config, for `signing-proxy check`."""
+    upstream = router.upstreams[fence.upstream]
+    if fence.covers is not None:
+        return [
+            f"  enforced on every request to {fence.upstream} whose path is under {fence.covers} "
+            "(in any spelling), whichever route, mode or credential it comes by, together with "
+            "the signing credential's own policy"
+        ]
+    signed = f"signed with credential {fence.credential}" if fence.credential else "unsigned"
+    ways = [
+        f"route {route.prefix}"
+        for route in router.routes
+        if route.upstream == fence.upstream
+        and (route.credential or upstream.credential) == fence.credential
+    ]
+    if router.forward_proxy and upstream.credential == fence.credential:
+        ways.append(f"forward proxy http://{fence.upstream}/")
+    lines = [
+        f"  enforced on every request {signed} to {fence.upstream} (strip_prefix reaches any "
+        f"path), whichever way it comes ({', '.join(ways)}), together with the credential's own "
+        "policy"
+    ]
+    others = {
+        route.credential or upstream.credential or "none (unsigned)"
+        for route in router.routes
+        if route.upstream == fence.upstream
+        and (route.credential or upstream.credential) != fence.credential
+    }
+    if router.forward_proxy and upstream.credential != fence.credential:
+        others.add(upstream.credential or "none (unsigned)")
+    if others:
+        lines.append(
+            f"  warning: {fence.upstream} is also reachable with credential "
+            f"{', '.join(sorted(others))}, where this policy does not apply; give those their own "
+            "policy, or use a route without strip_prefix"
+        )
+    return lines

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from .config import Config, SecretSource, _Reader
 from .credentials import FileState, parse_private_key, public_fingerprint, read_secret
 from .errors import CredentialError, RequestRejected
+from .ratelimit import RateLimit
 from .relay import read_capped_body
 from .signers import Clock
 
@@ -64,7 +65,10 @@ REQUIRED_FIELDS: Final = {
     "crypto_onramp": ("source.asset", "target.address", "target.asset", "target.network"),
     "crypto_offramp": (),
 }
-_PROXY_CLAIMS: Final = ("iat", "jti", "sub")
+# Set by the proxy, never by the client's flow: the registered JWT claims (RFC 7519 §4.1) and the
+# header's fields, so a client cannot stretch a token's life, re-address it or change its signer.
+_PROXY_CLAIMS: Final = ("iss", "sub", "aud", "exp", "nbf", "iat", "jti")
+_HEADER_FIELDS: Final = ("header", "alg", "kid", "typ", "jku", "jwk", "x5u", "x5c", "crit")
 _KEYS: Final = {
     "private_key",
     "private_key_env",
@@ -73,6 +77,7 @@ _KEYS: Final = {
     "widget_id",
     "environment",
     "flow",
+    "rate_limit",
 }
 
 Environment = Literal["production", "sandbox"]
@@ -92,6 +97,7 @@ class TopperSettings:
     widget_id: str  # the flow/widget UUID: the token's `sub`
     environment: Environment = "production"
     flow: Flow = "crypto_onramp"
+    rate_limit: RateLimit | None = None  # tokens per second for POST /topper/bootstrap-token
 
     @property
     def start_url(self) -> str:
@@ -128,7 +134,8 @@ def topper_settings(config: Config) -> TopperSettings | None:
     flow = data.get("flow", "crypto_onramp")
     if flow not in REQUIRED_FIELDS:
         raise r.fail("topper.flow", "expected 'crypto_onramp' or 'crypto_offramp'")
-    return TopperSettings(key, key_id, widget_id, environment, flow)
+    rate_limit = r.rate_limit(data.get("rate_limit"), "topper.rate_limit")
+    return TopperSettings(key, key_id, widget_id, environment, flow, rate_limit)
 
 
 def parse_topper_key(text: str, source: str) -> ec.EllipticCurvePrivateKey:
@@ -206,7 +213,13 @@ def validate_flow(flow: Any, kind: Flow = "crypto_onramp") -> dict[str, Any]:
     for claim in _PROXY_CLAIMS:
         if claim in flow:
             raise InvalidFlow(
-                f"{claim} is set by the proxy (iat: now, jti: a fresh UUID, sub: the widget id); "
+                f"{claim} is set by the proxy, not by the flow (iat: now, jti: a fresh UUID, "
+                "sub: the widget id; iss, aud, exp and nbf are not sent); leave it out"
+            )
+    for name in _HEADER_FIELDS:
+        if name in flow:
+            raise InvalidFlow(
+                f"{name} belongs to the token's header, which the proxy sets (typ, alg, kid); "
                 "leave it out of the flow"
             )
     for part in ("source", "target", "partner"):
@@ -344,6 +357,13 @@ class TopperEndpoint:
         self.refresh()
         if self.signer is None:
             raise CredentialError(f"{self.problem}; no bootstrap token was made")
+        if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            # Nothing is decompressed on the proxy (an inflating body costs CPU before any check).
+            raise RequestRejected(
+                "send the flow uncompressed (no Content-Encoding)",
+                code="unsupported_content_encoding",
+                status=415,
+            )
         body = await read_capped_body(
             request, MAX_FLOW_BYTES, limit="the flow size limit", why="a flow is a small object"
         )

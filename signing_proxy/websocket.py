@@ -34,6 +34,7 @@ from yarl import URL
 from .credentials import CredentialStore
 from .errors import RequestRejected, SigningError, UpstreamError
 from .metrics import ProxyMetrics, close_code_label
+from .ratelimit import TokenBucket
 from .relay import Exchange, UpstreamEndpoint, filter_request_headers, translate_client_error
 from .routing import Target
 from .signers import CdpJwtSigner, Signer
@@ -87,6 +88,26 @@ def inject_jwt(text: str, mint: Callable[[], str]) -> str | None:
         return None
     message["jwt"] = mint()
     return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+class _RateLimited(Exception):
+    """A subscribe message over its credential's rate limit: answered with an error frame."""
+
+    def __init__(self, credential: str, bucket: TokenBucket, wait: float):
+        super().__init__(credential)
+        self.credential, self.bucket, self.wait = credential, bucket, wait
+
+    def frame(self) -> str:
+        limit = self.bucket.limit
+        return json.dumps(
+            {
+                "type": "error",
+                "error": "rate_limited",
+                "message": f"rate limit of credential {self.credential!r} reached "
+                f"({limit.rate:g}/s, burst {limit.burst}); this message was not forwarded, "
+                f"send it again in {TokenBucket.retry_after(self.wait)}s",
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +265,10 @@ class _Bridge:
 
     def _mint(self) -> str:
         assert self.credential is not None
+        bucket = self.relay.buckets.get(self.credential)
+        if bucket is not None and (wait := bucket.acquire()) > 0:
+            self.relay.metrics.rate_limited.labels(self.credential).inc()
+            raise _RateLimited(self.credential, bucket, wait)
         # Asked per message, so a key rotated while the socket is open is used from then on.
         signer = self.relay.credentials.signer(self.credential)
         if not isinstance(signer, CdpJwtSigner):
@@ -258,8 +283,16 @@ class _Bridge:
         while True:
             msg = await source.receive()
             if msg.type is WSMsgType.TEXT:
-                if sign and (signed := inject_jwt(msg.data, self._mint)) is not None:
-                    msg = WSMessage(WSMsgType.TEXT, signed, None)
+                try:
+                    if sign and (signed := inject_jwt(msg.data, self._mint)) is not None:
+                        msg = WSMessage(WSMsgType.TEXT, signed, None)
+                except _RateLimited as limited:
+                    # Not forwarded: the client hears why, and may send it again later.
+                    error = limited.frame()
+                    if not self.to_client.offer(WSMessage(WSMsgType.TEXT, error, None), len(error)):
+                        self.end(_TOO_SLOW, "client too slow", "websocket_client_too_slow")
+                        return
+                    continue
                 size = len(msg.data)
             elif msg.type in (WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG):
                 size = len(msg.data)
@@ -331,7 +364,9 @@ class WebSocketRelay:
         metrics: ProxyMetrics,
         *,
         limits: QueueLimits | None = None,
+        buckets: Mapping[str, TokenBucket] | None = None,
     ):
+        self.buckets: Mapping[str, TokenBucket] = buckets or {}  # every minted jwt takes a token
         self.session = session
         self.endpoints = endpoints
         self.credentials = credentials

@@ -217,3 +217,27 @@ async def test_curl_through_both_modes(
         assert code != 0 and "405" in err
     finally:
         proxy.stop()
+
+
+def test_check_says_how_route_policies_combine_and_where_they_can_be_dodged(
+    config_dict: dict[str, Any], tmp_path: Path
+) -> None:
+    config_dict["routes"] = [
+        {"prefix": "/readonly/", "upstream": "api.coinbase.com", "strip_prefix": True,
+         "policy": {"allow": ["GET /api/v3/brokerage/accounts/**"]}},
+        {"prefix": "/v2/", "upstream": "api.coinbase.com", "credential": "legacy"},
+        {"prefix": "/", "upstream": "api.coinbase.com", "policy": {"deny": ["DELETE /**"]}},
+    ]  # fmt: skip
+    config_dict["forward_proxy"] = False
+    result = run_cli("check", "-c", str(write_config(tmp_path / "c.yaml", config_dict)))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # The strip_prefix route fences its credential on every way in, and says what it cannot fence.
+    assert (
+        "enforced on every request signed with credential trading to api.coinbase.com "
+        "(strip_prefix reaches any path), whichever way it comes (route /readonly/, route /)"
+    ) in out
+    assert "warning: api.coinbase.com is also reachable with credential legacy" in out
+    # A route that keeps its prefix fences those upstream paths for everyone.
+    assert "whose path is under / (in any spelling), whichever route, mode or credential" in out
+    assert "forward-proxy mode (absolute URLs, curl -x): off (forward_proxy: false)" in out

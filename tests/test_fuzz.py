@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import posixpath
 import re
 import socket
 import threading
+import zlib
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import pytest
 import trustme
@@ -119,6 +123,7 @@ def harness(
     )
     config = base_config("https://127.0.0.1:1", ca_file, ec_key_file, ed_key_file)
     config["credentials"]["trading"]["policy"] = {"deny": ["DELETE /api/v3/brokerage/**"]}
+    config["routes"][-1]["policy"] = {"deny": [f"POST {FENCED}", f"GET {FENCED}"]}
     try:
         h.run(h.start(upstream, config, tmp_path_factory.mktemp("fuzz") / "config.yaml"))
         yield h
@@ -386,6 +391,84 @@ def test_raw_bytes_never_break_the_proxy(
         match = STATUS_LINE.match(raw)
         assert match and match.group(1) != b"500", (request[:200], raw[:200])
     assert harness.sentinel_hits == 0
+
+
+FENCED = "/api/v3/brokerage/orders"
+fenced_spellings = st.sampled_from(
+    [
+        FENCED, FENCED.upper(), "/api/v3/brokerage/%6frders", "/api/v3/brokerage/%256frders",
+        "//api/v3/brokerage/orders", "/api/v3/brokerage//orders/", f"{FENCED};x", f"{FENCED}%3Bx",
+        "/api/v3/brokerage/x/../orders", "/api/v3/brokerage/x/%2e%2e/orders",
+        "/api/v3/brokerage/x%2f..%2forders", "/api/v3/brokerage/x%5c..%5corders",
+        "/api/v3/brokerage/x/..;/orders", "/api/v3/brokerage/x/%252e%252e/orders",
+        "/ed/api/v3/brokerage/orders", "/api/v3/brokerage/accounts", "/api/v3/brokerage/orders/x",
+    ]
+)  # fmt: skip
+
+
+def _server_reading(path: str) -> str:
+    """What a lenient server might execute: decoded (repeatedly), '\\' as '/', no ;params,
+    dots resolved, slashes collapsed, case folded. Written independently of paths.py."""
+    for _ in range(4):
+        path = unquote(path)
+    path = re.sub(r";[^/]*", "", path.replace("\\", "/"))
+    return posixpath.normpath("/" + path).lower().rstrip("/")
+
+
+@SETTINGS
+@given(
+    method=st.sampled_from(["GET", "HEAD", "POST", "DELETE"]),
+    path=st.one_of(fenced_spellings, paths),
+    forward=st.booleans(),
+    encoding=st.sampled_from([None, "gzip", "deflate"]),
+    expect=st.booleans(),
+    body=st.binary(max_size=300),
+)
+def test_whatever_the_upstream_executes_was_signed_for_it_and_allowed(
+    harness: Harness,
+    method: str,
+    path: str,
+    forward: bool,
+    encoding: str | None,
+    expect: bool,
+    body: bytes,
+) -> None:
+    target = f"http://api.coinbase.com{path}" if forward else path
+    head = [f"{method} {target} HTTP/1.1", "Host: f", "Connection: close"]
+    if encoding:
+        head.append(f"Content-Encoding: {encoding}")
+        body = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    if expect:
+        head.append("Expect: 100-continue")
+    head.append(f"Content-Length: {len(body)}")
+    upstream = harness.upstream
+    assert upstream is not None
+    before = len(upstream.received)
+    request = encode("\r\n".join(head)) + b"\r\n\r\n" + body
+    with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request)
+        raw = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                raw += chunk
+    while raw.startswith(b"HTTP/1.1 100 "):
+        raw = raw.partition(b"\r\n\r\n")[2]
+    match = STATUS_LINE.match(raw)
+    assert match and match.group(1) != b"500", (request[:300], raw[:300])
+    assert not upstream.rejections, upstream.rejections[-1:]
+    for rec in upstream.received[before:]:
+        # Signed for exactly what it received: the verifying upstream checked uri = what arrived.
+        if rec.auth == "jwt":
+            assert rec.claims["uri"] == f"{method} {rec.host}{rec.path}"
+        reading = _server_reading(rec.path)
+        if (
+            rec.host == "api.coinbase.com"
+            and rec.auth == "jwt"
+            and rec.claims["sub"] == EC_KEY_NAME
+        ):
+            assert not (method in ("GET", "HEAD", "POST") and reading == FENCED), (target, rec.path)
+            assert not (method == "DELETE" and reading.startswith("/api/v3/brokerage")), target
 
 
 def test_proxy_is_healthy_after_the_fuzzing(harness: Harness) -> None:

@@ -368,3 +368,32 @@ async def test_forward_proxy_mode_relays_websockets_too(
     token = json.loads(next(data for kind, data in seen.events if kind == "text"))["jwt"]
     claims = jwt.decode(token, ec_key.public_key(), algorithms=["ES256"])
     assert claims["sub"] == EC_KEY_NAME and "uri" not in claims
+
+
+# --- rate limit: every jwt minted into a message takes a token ---------------------------------
+
+
+async def test_subscribe_messages_count_against_the_credential_rate_limit(
+    make_proxy: MakeProxy,
+    ws_config: dict[str, Any],
+    client: aiohttp.ClientSession,
+    upstream: VerifyingUpstream,
+) -> None:
+    ws_config["credentials"]["trading"]["rate_limit"] = {"rate": 0.2, "burst": 3}
+    proxy = await make_proxy(ws_config)
+    sent = {"type": "subscribe", "product_ids": ["BTC-USD"], "channel": "user"}
+    replies: list[dict[str, Any]] = []
+    # The upgrade itself takes one token; then two subscribes fit and the rest are refused.
+    async with client.ws_connect(ws_url(proxy, "/ws/user")) as ws:
+        for _ in range(20):
+            await ws.send_str(json.dumps(sent))
+        for _ in range(20):
+            replies.append(await receive_json(ws))
+    errors = [r for r in replies if r.get("type") == "error"]
+    accepted = [r for r in replies if r.get("type") == "subscriptions"]
+    assert len(accepted) == 2 and len(errors) == 18
+    assert errors[0]["error"] == "rate_limited" and "not forwarded" in errors[0]["message"]
+    seen = session(upstream)
+    assert len([kind for kind, _ in seen.events if kind == "text"]) == 2  # only those reached it
+    assert len(seen.verified) == 2
+    assert metric(proxy, "signing_proxy_rate_limited_total", credential="trading") == 18
