@@ -74,7 +74,6 @@ _REQUEST_DROP: Final = HOP_BY_HOP | {
     "content-length",
     "expect",
     "x-signing-proxy-token",
-    "x-wallet-auth",  # CDP v2: the proxy's Wallet Secret signs it, or nothing does
 }
 # Request headers a client may not name in Connection: they describe the body or the target for
 # every recipient (RFC 9110 §7.6.1), so dropping them would change what the upstream executes.

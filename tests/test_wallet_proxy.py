@@ -3,6 +3,7 @@ CDP verifies it (wallet_upstream.py), in both modes, with rotation; the uri/uris
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -152,8 +153,14 @@ async def test_non_json_body_is_refused_before_anything_is_sent(
     status, data, _, _ = await fetch(client, "POST", base(wproxy) + path, data=b"message=hi")
     assert status == 400 and data is not None and data["error"] == "invalid_wallet_body"
     assert "is not valid JSON (line 1, column 1)" in data["message"]
+    # a compressed body is never inflated, so it cannot be hashed either
+    gz = gzip.compress(b'{"message": "hi"}')
+    status, data, _, _ = await fetch(
+        client, "POST", base(wproxy) + path, data=gz, headers={"Content-Encoding": "gzip"}
+    )
+    assert status == 400 and data is not None and data["error"] == "invalid_wallet_body"
     assert upstream.received == [] and upstream.rejections == []
-    assert metric(wproxy, "signing_proxy_errors_total", kind="invalid_wallet_body") == 1
+    assert metric(wproxy, "signing_proxy_errors_total", kind="invalid_wallet_body") == 2
 
 
 async def test_body_over_the_cap_is_413(
