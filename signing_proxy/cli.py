@@ -247,13 +247,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _print_wallet(config: Config, name: str, info: CredentialInfo | None) -> None:
     """The Wallet Secret's public fingerprint, and where its X-Wallet-Auth tokens are sent."""
     cfg = config.credentials[name]
+    hosts = cfg.wallet_rules.hosts()
     if cfg.wallet_secret is None:
+        signs = {up.name for up in config.upstreams.values() if up.credential == name} | {
+            r.upstream for r in config.routes if r.credential == name
+        }
+        if signs & set(hosts):
+            print(
+                "  no wallet secret: Server Wallet writes through it answer 403 wallet_secret_required"
+            )
         return
     if info is not None and info.wallet_fingerprint is not None:
         print(
             f"  wallet secret: ES256 fingerprint {info.wallet_fingerprint} ({info.wallet_source})"
         )
-    hosts = cfg.wallet_rules.hosts()
     used = [
         f"upstream {up.name} ({len(up.wallet_rules)} operations)"
         for up in config.upstreams.values()

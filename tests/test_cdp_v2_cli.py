@@ -95,12 +95,17 @@ def test_check_prints_the_wallet_fingerprint_and_where_it_is_used(
     tmp_path: Path, config_dict: dict[str, Any], ec_key_file: Path, ws_file: Path,
     wallet_key: ec.EllipticCurvePrivateKey,
 ) -> None:  # fmt: skip
+    before = run_cli("check", "-c", write_config(tmp_path, config_dict))
+    assert before.returncode == 0, before.stderr
+    trading = before.stdout.split("credential trading:")[1].split("\ncredential ")[0]
+    assert "no wallet secret: Server Wallet writes through it answer 403" in trading
     config_dict["credentials"]["wallet"] = {
         "key_file": str(ec_key_file),
         "wallet_secret_file": str(ws_file),
     }
     config_dict["upstreams"]["api.cdp.coinbase.com"]["credential"] = "wallet"
     result = run_cli("check", "-c", write_config(tmp_path, config_dict))
+    assert "no wallet secret" not in result.stdout
     assert result.returncode == 0, result.stderr
     assert (
         f"  wallet secret: ES256 fingerprint {public_fingerprint(wallet_key)} (file {ws_file})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from yarl import URL
 
 from signing_proxy.app import ProxyServer
+from signing_proxy.credentials import public_fingerprint
 from signing_proxy.wallet_rules import OPTIONAL_OPERATIONS, REQUIRED_OPERATIONS
 
 from .conftest import EC_KEY_NAME, MakeProxy, wallet_secret
@@ -222,8 +224,9 @@ async def test_forward_proxy_mode(
 
 async def test_wallet_secret_rotation_and_a_broken_file(
     wproxy: ProxyServer, client: aiohttp.ClientSession, upstream: VerifyingUpstream,
-    wallet_file: Path, wallet_key: ec.EllipticCurvePrivateKey,
+    wallet_file: Path, wallet_key: ec.EllipticCurvePrivateKey, caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO)
     assert upstream.wallet is not None
     url, path = base(wproxy) + "/platform/v2/evm/accounts", "/platform/v2/evm/accounts"
     assert (await fetch(client, "POST", url, json={"name": "a"}))[0] == 200
@@ -234,6 +237,10 @@ async def test_wallet_secret_rotation_and_a_broken_file(
     wallet_file.write_text(wallet_secret(new_key))
     os.utime(wallet_file, ns=(1, 1))  # mtime changes whatever the clock's granularity
     await wait_for(lambda: metric(wproxy, reloads, credential="wallet") > before, what="reload")
+    reloaded = [r for r in caplog.records if r.getMessage().startswith("credential reloaded")]
+    fields = reloaded[-1].fields  # type: ignore[attr-defined]
+    assert fields["wallet_fingerprint"] == public_fingerprint(new_key)  # public, never the secret
+    assert wallet_secret(new_key) not in caplog.text
     token = {}
 
     status, data, _, _ = await fetch(client, "POST", url, json={"name": "b"})
