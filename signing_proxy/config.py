@@ -69,12 +69,13 @@ class SecretSource:
 @dataclass(frozen=True)
 class CredentialConfig:
     name: str
-    type: Literal["cdp", "hmac"]
+    type: Literal["cdp", "hmac", "exchange", "prime", "intx"]
     key_file: Path | None = None  # CDP key JSON as downloaded
     key_name: SecretSource | None = None  # CDP, when not from key_file
     private_key: SecretSource | None = None
     api_key: SecretSource | None = None  # HMAC
     api_secret: SecretSource | None = None
+    passphrase: SecretSource | None = None  # Exchange, Prime, INTX
     policy: Policy | None = None  # what requests this credential may sign
     rate_limit: RateLimit | None = None
     wallet_secret: SecretSource | None = None  # CDP v2 Server Wallets (X-Wallet-Auth)
@@ -86,7 +87,7 @@ class CredentialConfig:
     def files(self) -> tuple[Path, ...]:
         """Files this credential is read from (watched for rotation)."""
         found = [self.key_file] if self.key_file else []
-        sources = (self.key_name, self.private_key, self.api_key, self.api_secret)
+        sources = (self.key_name, self.private_key, self.api_key, self.api_secret, self.passphrase)
         for src in (*sources, self.wallet_secret):
             if src is not None and src.kind == "file":
                 found.append(Path(src.ref))
@@ -227,6 +228,8 @@ WEBSOCKET_HOSTS: Final = frozenset(
         "streams.drb.coinbase.com",
     }
 )
+_VENUE_KEYS: Final = _HMAC_KEYS | {f"passphrase{s}" for s in ("", "_env", "_file")}
+_VENUES: Final = ("exchange", "prime", "intx")  # other Coinbase venues: HMAC with a passphrase
 _ROUTE_KEYS: Final = {"prefix", "upstream", "credential", "strip_prefix", "policy"}
 _LOG_LEVELS: Final = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
@@ -355,8 +358,26 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
             policy=policy,
             rate_limit=rate_limit,
         )
+    if kind in _VENUES:
+        r.known(data, _VENUE_KEYS, where)
+        fields = {f: r.secret(data, f, where) for f in ("api_key", "api_secret", "passphrase")}
+        missing = [f"{f} (or {f}_env / {f}_file)" for f, src in fields.items() if src is None]
+        if missing:
+            raise r.fail(where, f"a {kind} credential needs {', '.join(missing)}")
+        return CredentialConfig(
+            name,
+            kind,
+            api_key=fields["api_key"],
+            api_secret=fields["api_secret"],
+            passphrase=fields["passphrase"],
+            policy=policy,
+            rate_limit=rate_limit,
+        )
     if kind != "cdp":
-        raise r.fail(f"{where}.type", f"expected 'cdp' or 'hmac', got {kind!r}")
+        raise r.fail(
+            f"{where}.type",
+            f"expected one of cdp, hmac, {', '.join(_VENUES)}; got {kind!r}",
+        )
     r.known(data, _CDP_KEYS, where)
     key_name = r.secret(data, "key_name", where)
     private_key = r.secret(data, "private_key", where)

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from .config import CredentialConfig, SecretSource
 from .errors import CredentialError
+from .hmac_signers import VENUE_SIGNERS, KeyMaterialError, VenueSigner
 from .signers import CdpJwtSigner, Clock, HmacSigner, PrivateKey, Signer
 from .wallet_auth import WalletAuth, WalletSigner, parse_wallet_secret
 
@@ -219,8 +220,8 @@ class CredentialInfo:
     """What may be shown about a loaded credential: no secret material."""
 
     name: str
-    scheme: str  # ES256 / EdDSA / HMAC
-    key_id: str  # CDP key name, or the legacy API key (an identifier, not the secret)
+    scheme: str  # ES256 / EdDSA / HMAC / EXCHANGE / PRIME / INTX
+    key_id: str  # CDP key name, or the HMAC API key (an identifier, not the secret)
     fingerprint: str
     source: str
     wallet_fingerprint: str | None = None  # the Wallet Secret's public key, when there is one
@@ -268,6 +269,8 @@ class Credential:
     def _build(self) -> tuple[Signer, CredentialInfo]:
         cfg = self.config
         kwargs = {"clock": self._clock} if self._clock else {}
+        if cfg.type in VENUE_SIGNERS:
+            return self._build_venue(VENUE_SIGNERS[cfg.type], kwargs)
         if cfg.type == "hmac":
             assert cfg.api_key is not None and cfg.api_secret is not None
             api_key = read_secret(cfg.api_key).strip()
@@ -308,6 +311,38 @@ class Credential:
             self.name, signer.scheme, key_name, public_fingerprint(key), source,
             public_fingerprint(wallet_key) if wallet_key else None, wallet_source,
         )  # fmt: skip
+
+    def _build_venue(
+        self, kind: type[VenueSigner], kwargs: dict[str, Clock]
+    ) -> tuple[Signer, CredentialInfo]:
+        """Exchange, Prime or INTX: api_key, api_secret and passphrase, checked by the signer."""
+        cfg = self.config
+        sources = {
+            "api_key": cfg.api_key,
+            "api_secret": cfg.api_secret,
+            "passphrase": cfg.passphrase,
+        }
+        values = {}
+        for field, src in sources.items():
+            assert src is not None
+            values[field] = read_secret(src).strip()
+        try:
+            signer = kind(values["api_key"], values["api_secret"], values["passphrase"], **kwargs)
+        except KeyMaterialError as exc:
+            src = sources[exc.field]
+            assert src is not None
+            raise CredentialError(f"{src.describe()}: {exc.problem}") from None
+        # Plain SHA-256 of the secret as configured: `printf %s "$SECRET" | sha256sum` matches.
+        digest = hashlib.sha256(values["api_secret"].encode()).hexdigest()
+        assert cfg.api_secret is not None
+        info = CredentialInfo(
+            self.name,
+            signer.scheme,
+            values["api_key"],
+            "secret-SHA256:" + digest[:16],
+            cfg.api_secret.describe(),
+        )
+        return signer, info
 
 
 class CredentialStore:

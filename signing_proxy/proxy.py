@@ -29,7 +29,7 @@ from .metrics import ProxyMetrics, method_label
 from .ratelimit import TokenBucket
 from .relay import END_TO_END, Exchange, Relay, connection_tokens
 from .routing import Router, Target
-from .signers import Signer, hmac_request_path, jwt_uri
+from .signers import Signer
 from .topper import ALGORITHM, BOOTSTRAP_PATH, CREDENTIAL_LABEL, TopperEndpoint
 from .websocket import WebSocketRelay, is_websocket_upgrade
 
@@ -202,11 +202,7 @@ class ProxyHandler:
         self.skew.observe(upstream, ex.upstream_date)
         if ex.status == 401 and signer is not None and target.credential is not None:
             info = self.credentials[target.credential].info
-            signed = (
-                f"{request.method} {hmac_request_path(target.path, target.query)}"
-                if signer.scheme == "HMAC"
-                else jwt_uri(request.method, upstream, target.path)
-            )
+            signed = signer.describe(request.method, upstream, target.path, target.query)
             self.unauthorized.report(
                 target.credential,
                 algorithm=signer.scheme,

@@ -6,14 +6,13 @@ request body before signing this request (HMAC covers every body; a CDP key with
 covers the body of Server Wallet writes) or may stream it; ``requires_body`` is the per-class
 default.
 
-The rules implemented here are pinned down in COINBASE_AUTH.md §1 (CDP JWT) and §3 (HMAC).
+The rules implemented here are pinned down in COINBASE_AUTH.md §1 (CDP JWT). The HMAC family
+(legacy keys, Exchange, Prime, INTX) lives in hmac_signers.py; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -23,6 +22,8 @@ from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from .hmac_signers import HmacSigner, hmac_request_path
 
 if TYPE_CHECKING:
     from .wallet_auth import WalletAuth
@@ -49,7 +50,10 @@ class Signer(Protocol):
     """What the relay needs from a signer."""
 
     requires_body: ClassVar[bool]
-    scheme: str  # "ES256", "EdDSA" or "HMAC": used in metrics and `check` output
+    # Types of WebSocket messages the signer authenticates (its WebSocket form); empty: none.
+    websocket_messages: ClassVar[frozenset[str]]
+    # "ES256", "EdDSA", "HMAC", "EXCHANGE", "PRIME" or "INTX": in metrics and `check` output
+    scheme: str
 
     def needs_body(self, method: str, host: str, path: str) -> bool:
         """Must the relay read this request's body (capped) and pass it to ``sign``?"""
@@ -59,6 +63,14 @@ class Signer(Protocol):
         self, method: str, host: str, path: str, query: str, body: bytes | None
     ) -> dict[str, str]:
         """Return the headers that authenticate this request."""
+        ...
+
+    def describe(self, method: str, host: str, path: str, query: str) -> str:
+        """What ``sign`` covers for this request, safe to log (a 401 report says it)."""
+        ...
+
+    def websocket_auth(self) -> dict[str, str]:
+        """Fields to set in one outgoing message of a type in ``websocket_messages``."""
         ...
 
 
@@ -85,6 +97,8 @@ class CdpJwtSigner:
     """
 
     requires_body: ClassVar[bool] = False
+    # Advanced Trade WebSocket: a fresh jwt in every (un)subscribe message (COINBASE_AUTH.md §2).
+    websocket_messages: ClassVar[frozenset[str]] = frozenset({"subscribe", "unsubscribe"})
 
     def __init__(
         self,
@@ -154,44 +168,8 @@ class CdpJwtSigner:
     def needs_body(self, method: str, host: str, path: str) -> bool:
         return self.wallet is not None and self.wallet.needs_body(method, host, path)
 
+    def describe(self, method: str, host: str, path: str, query: str) -> str:
+        return jwt_uri(method, host, path)
 
-def hmac_request_path(path: str, query: str) -> str:
-    """The requestPath HMAC signs.
-
-    Advanced Trade (``/api/v3/...``) signs the path without the query; Sign in with Coinbase v2
-    (``/v2/...``) signs it with ``?query`` (COINBASE_AUTH.md §3). Other paths follow v2, the
-    general Coinbase rule.
-    """
-    if path.startswith("/api/v3/") or not query:
-        return path
-    return f"{path}?{query}"
-
-
-class HmacSigner:
-    """Legacy API key: CB-ACCESS-KEY / -TIMESTAMP / -SIGN over timestamp+METHOD+requestPath+body."""
-
-    requires_body: ClassVar[bool] = True
-    scheme = "HMAC"
-
-    def __init__(self, api_key: str, api_secret: str, *, clock: Clock = time.time):
-        self.api_key = api_key
-        # The secret string's UTF-8 bytes are the HMAC key; it is not base64-decoded.
-        self._mac = hmac.new(api_secret.encode(), digestmod=hashlib.sha256)
-        self._clock = clock
-
-    def needs_body(self, method: str, host: str, path: str) -> bool:
-        return self.requires_body  # every request: the HMAC covers the body
-
-    def sign(
-        self, method: str, host: str, path: str, query: str, body: bytes | None
-    ) -> dict[str, str]:
-        timestamp = str(int(self._clock()))
-        mac = self._mac.copy()
-        mac.update(f"{timestamp}{method.upper()}{hmac_request_path(path, query)}".encode())
-        if body:
-            mac.update(body)
-        return {
-            "CB-ACCESS-KEY": self.api_key,
-            "CB-ACCESS-TIMESTAMP": timestamp,
-            "CB-ACCESS-SIGN": mac.hexdigest(),
-        }
+    def websocket_auth(self) -> dict[str, str]:
+        return {"jwt": self.token(None)}

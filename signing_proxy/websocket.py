@@ -4,6 +4,9 @@ An upgrade on a route is relayed to the route's upstream over TLS (its ``url`` a
 the upstream sees its own name as Host). When the route has a CDP credential, every client→upstream
 JSON text message whose ``type`` is ``subscribe`` or ``unsubscribe`` gets a fresh ``jwt``: the REST
 header and claims without ``uri`` (COINBASE_AUTH.md §2), replacing any jwt the client sent.
+Other signers declare their own WebSocket form (``Signer.websocket_messages`` and
+``websocket_auth``): an Exchange key puts key, passphrase, timestamp and signature into each
+``subscribe``; signers without one are refused at the upgrade.
 Everything else (other text, binary, pings, pongs, close codes) passes unchanged both ways.
 
 Each direction is a reader and a writer around a queue. The reader never waits: when the queue
@@ -32,18 +35,19 @@ from prometheus_client import Counter
 from yarl import URL
 
 from .credentials import CredentialStore
-from .errors import RequestRejected, SigningError, UpstreamError
+from .errors import RequestRejected, UpstreamError
 from .metrics import ProxyMetrics, close_code_label
 from .ratelimit import TokenBucket
 from .relay import Exchange, UpstreamEndpoint, filter_request_headers, translate_client_error
 from .routing import Target
-from .signers import CdpJwtSigner, Signer
+from .signers import Signer
 
 __all__ = [
     "CLOSE_TIMEOUT",
     "MAX_MESSAGE_BYTES",
     "QueueLimits",
     "WebSocketRelay",
+    "inject_auth",
     "inject_jwt",
     "is_websocket_upgrade",
 ]
@@ -75,18 +79,23 @@ def is_websocket_upgrade(request: web.BaseRequest) -> bool:
     return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
-def inject_jwt(text: str, mint: Callable[[], str]) -> str | None:
-    """``text`` with ``jwt`` set to ``mint()`` if it is a JSON subscribe/unsubscribe object.
+def inject_auth(
+    text: str, types: frozenset[str], fields: Callable[[], dict[str, str]]
+) -> str | None:
+    """``text`` with ``fields()`` set in it if it is a JSON object whose ``type`` is in ``types``.
 
-    None means "send the message as it is": not JSON, not an object, or another ``type``.
+    The fields replace any the client sent under those names. None means "send the message as
+    it is": not JSON, not an object, or another ``type``.
     """
+    if not types:
+        return None
     try:
         message = json.loads(text)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(message, dict) or message.get("type") not in _SIGNED_TYPES:
+    if not isinstance(message, dict) or message.get("type") not in types:
         return None
-    message["jwt"] = mint()
+    message.update(fields())
     return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -108,6 +117,11 @@ class _RateLimited(Exception):
                 f"send it again in {TokenBucket.retry_after(self.wait)}s",
             }
         )
+
+
+def inject_jwt(text: str, mint: Callable[[], str]) -> str | None:
+    """``text`` with ``jwt`` set to ``mint()`` if it is a JSON subscribe/unsubscribe object."""
+    return inject_auth(text, _SIGNED_TYPES, lambda: {"jwt": mint()})
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,20 +277,25 @@ class _Bridge:
 
         return asyncio.get_running_loop().create_task(guarded())
 
-    def _mint(self) -> str:
-        assert self.credential is not None
-        bucket = self.relay.buckets.get(self.credential)
-        if bucket is not None and (wait := bucket.acquire()) > 0:
-            self.relay.metrics.rate_limited.labels(self.credential).inc()
-            raise _RateLimited(self.credential, bucket, wait)
+    def _sign(self, text: str) -> str | None:
+        """``text`` with the signer's WebSocket auth fields set, if it is a message it signs."""
+        credential = self.credential
+        assert credential is not None
         # Asked per message, so a key rotated while the socket is open is used from then on.
-        signer = self.relay.credentials.signer(self.credential)
-        if not isinstance(signer, CdpJwtSigner):
-            raise SigningError(f"credential '{self.credential}' is not a CDP key")
-        token = signer.token(None)
-        self.relay.metrics.ws_jwts.labels(self.credential).inc()
-        self.relay.metrics.tokens.labels(self.credential, signer.scheme).inc()
-        return token
+        signer = self.relay.credentials.signer(credential)
+
+        def fields() -> dict[str, str]:
+            # Each signed message counts against the credential's rate limit, like a request.
+            bucket = self.relay.buckets.get(credential)
+            if bucket is not None and (wait := bucket.acquire()) > 0:
+                self.relay.metrics.rate_limited.labels(credential).inc()
+                raise _RateLimited(credential, bucket, wait)
+            auth = signer.websocket_auth()
+            self.relay.metrics.ws_jwts.labels(credential).inc()
+            self.relay.metrics.tokens.labels(credential, signer.scheme).inc()
+            return auth
+
+        return inject_auth(text, signer.websocket_messages, fields)
 
     async def _read(self, source: _Socket, queue: _Queue, *, from_client: bool) -> None:
         sign = from_client and self.credential is not None
@@ -284,7 +303,7 @@ class _Bridge:
             msg = await source.receive()
             if msg.type is WSMsgType.TEXT:
                 try:
-                    if sign and (signed := inject_jwt(msg.data, self._mint)) is not None:
+                    if sign and (signed := self._sign(msg.data)) is not None:
                         msg = WSMessage(WSMsgType.TEXT, signed, None)
                 except _RateLimited as limited:
                     # Not forwarded: the client hears why, and may send it again later.
@@ -384,12 +403,13 @@ class WebSocketRelay:
             raise RequestRejected(
                 "the proxy is shutting down; reconnect", code="shutting_down", status=503
             )
-        if signer is not None and not isinstance(signer, CdpJwtSigner):
-            # Advanced Trade WebSocket channels authenticate with CDP key JWTs only (COINBASE_AUTH §2).
+        if signer is not None and not signer.websocket_messages:
+            # Advanced Trade channels take CDP key JWTs (COINBASE_AUTH §2), the Exchange feed an
+            # Exchange key; other signers have no WebSocket form.
             raise RequestRejected(
-                f"credential '{target.credential}' is a legacy HMAC key, which cannot sign "
-                "WebSocket subscriptions; give this route a CDP credential, or none for public "
-                "channels",
+                f"credential '{target.credential}' is a {signer.scheme} key, which cannot sign "
+                "WebSocket subscriptions; give this route a CDP credential (Advanced Trade) or "
+                "an exchange credential (Exchange feed), or none for public channels",
                 code="websocket_needs_cdp_key",
             )
         if not web.WebSocketResponse().can_prepare(request).ok:

@@ -102,7 +102,9 @@ def supervise(workers: int, worker_argv: Sequence[str], stop_timeout: float) -> 
                 )
                 proc.kill()
                 proc.wait()
-            if proc.returncode != 0:
+            # A worker still starting (importing) when the signal came had no handler for it yet
+            # and died of it: it was serving nothing, so that is a clean stop too.
+            if proc.returncode not in (0, -stopping[0]):
                 code = 1
     finally:
         for sig, handler in previous.items():

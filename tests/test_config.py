@@ -80,7 +80,10 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
             {"credentials": {"t": {"type": "hmac", "api_key": "k"}}},
             "an hmac credential needs api_key",
         ),
-        ({"credentials": {"t": {"type": "rsa"}}}, "credentials.t.type: expected 'cdp' or 'hmac'"),
+        (
+            {"credentials": {"t": {"type": "rsa"}}},
+            "credentials.t.type: expected one of cdp, hmac, exchange, prime, intx",
+        ),
         (
             {"credentials": {"t": {"key_name": "k", "private_key": "a", "private_key_env": "B"}}},
             "give only one of private_key, private_key_env",

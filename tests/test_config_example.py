@@ -60,6 +60,10 @@ def test_commented_settings_are_valid_when_uncommented() -> None:
     assert settings is not None and settings.environment == "production"
     assert settings.private_key.ref == str(EXAMPLE.parent / "secrets" / "topper.jwk.json")
     assert {"from-env", "legacy"} <= set(config.credentials) and config.inbound_token is not None
+    venues = {name: config.credentials[name].type for name in ("exchange", "prime", "intx")}
+    assert venues == {"exchange": "exchange", "prime": "prime", "intx": "intx"}
+    assert config.upstreams["ws-feed.exchange.coinbase.com"].credential == "exchange"
+    assert prefixes.index("/ws/exchange") < prefixes.index("/ws") and "/prime/" in prefixes
     wallet = config.credentials["trading"].wallet_secret
     assert wallet is not None and wallet.ref == str(
         EXAMPLE.parent / "secrets" / "cdp_wallet_secret"

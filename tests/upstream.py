@@ -8,8 +8,9 @@ gets a 401, so a functional test passes only if the proxy signed exactly what it
 WebSocket upgrades get an Advanced Trade stand-in (``_websocket``): subscribe/unsubscribe messages
 have their ``jwt`` verified the same way, but in the WebSocket form (no ``uri``), and the
 authenticated channels are refused without one. ``POST /onramp/v1/token`` checks its body and
-answers a session token the way Coinbase does. CDP v2 (``X-Wallet-Auth``, Onramp v2 sessions) is
-checked by ``wallet_upstream.WalletVerifier`` when one is given.
+answers a session token the way Coinbase does. Exchange, Prime and INTX keys (``venue_keys``) are
+checked by ``venue_auth``, on REST requests and on Exchange feed subscribe messages. CDP v2
+(``X-Wallet-Auth``, Onramp v2 sessions) is checked by ``wallet_upstream.WalletVerifier``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import trustme
 from aiohttp import WSMsgType, web
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from . import venue_auth
 from .wallet_upstream import ONRAMP_SESSIONS, WalletRejected, WalletVerifier
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
@@ -53,7 +55,7 @@ class Received:
     path: str
     query: str
     headers: dict[str, str]
-    auth: str  # "jwt", "hmac" or "none"
+    auth: str  # "jwt", "hmac", "exchange", "prime", "intx" or "none"
     claims: dict[str, Any] = field(default_factory=dict)
     jwt_header: dict[str, Any] = field(default_factory=dict)
     token: str | None = None
@@ -86,9 +88,11 @@ class VerifyingUpstream:
         keys: dict[str, PublicKey] | None = None,
         hmac_secrets: dict[str, str] | None = None,
         anonymous_hosts: frozenset[str] = frozenset(),
+        venue_keys: dict[str, venue_auth.VenueKey] | None = None,
         wallet: WalletVerifier | None = None,
     ):
         self.ca = ca
+        self.venue_keys = venue_keys or {}  # api key → venue, secret, passphrase
         self.wallet = wallet
         self.keys = keys or {}
         self.hmac_secrets = hmac_secrets or {}
@@ -216,6 +220,12 @@ class VerifyingUpstream:
         try:
             if auth.startswith("Bearer "):
                 rec = self._verify_jwt(request, auth[7:], path)
+            elif venue_auth.claims_venue(request.headers):
+                body = await request.read()
+                venue = venue_auth.verify_request(
+                    self.venue_keys, request.method, request.headers, path, query, body
+                )
+                rec = Received(request.method, host, path, query, {}, venue)
             elif "CB-ACCESS-KEY" in request.headers:
                 body = await request.read()
                 rec = self._verify_hmac(request, path, query, body)
@@ -226,7 +236,7 @@ class VerifyingUpstream:
             if self.wallet is not None and not streaming:
                 body = body or await request.read()
                 self.wallet.check(request, path, body)
-        except (Unauthorized, WalletRejected) as exc:
+        except (Unauthorized, venue_auth.VenueRejected, WalletRejected) as exc:
             self.rejections.append(str(exc))
             return web.json_response({"error": "unauthorized", "reason": str(exc)}, status=401)
         rec.query = query
@@ -421,7 +431,15 @@ class VerifyingUpstream:
             await ws.send_str(text)  # echo, byte for byte
             return
         token = message.get("jwt")
-        if isinstance(token, str):
+        if "signature" in message and message.get("type") == "subscribe":  # the Exchange feed
+            try:
+                venue_auth.verify_subscribe(self.venue_keys, message)
+            except venue_auth.VenueRejected as exc:
+                self.rejections.append(str(exc))
+                await ws.send_json({"type": "error", "message": f"authentication failure: {exc}"})
+                return
+            session.verified.append(({"venue": "exchange"}, message))
+        elif isinstance(token, str):
             try:
                 header, claims = self._verify_token(token, None)
             except Unauthorized as exc:
@@ -432,8 +450,9 @@ class VerifyingUpstream:
         elif message.get("channel") in WS_AUTH_CHANNELS:
             await ws.send_json({"type": "error", "message": "authentication failure: no jwt"})
             return
+        authenticated = isinstance(token, str) or "signature" in message
         await ws.send_json(
-            {"type": "subscriptions", "received": message, "authenticated": isinstance(token, str)}
+            {"type": "subscriptions", "received": message, "authenticated": authenticated}
         )
 
     async def _flood(self, ws: web.WebSocketResponse, session: WsSession, size: int) -> None:
