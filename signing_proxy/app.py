@@ -108,14 +108,15 @@ class _ProxyRunner(web.ServerRunner):
 
 def _described(info: CredentialInfo) -> dict[str, Any]:
     """Log fields that identify a loaded key: names and a public fingerprint, nothing secret."""
-    return {
-        "fields": {
-            "credential": info.name,
-            "scheme": info.scheme,
-            "key_id": info.key_id,
-            "fingerprint": info.fingerprint,
-        }
+    fields = {
+        "credential": info.name,
+        "scheme": info.scheme,
+        "key_id": info.key_id,
+        "fingerprint": info.fingerprint,
     }
+    if info.wallet_fingerprint is not None:  # CDP v2: the Wallet Secret's public key
+        fields["wallet_fingerprint"] = info.wallet_fingerprint
+    return {"fields": fields}
 
 
 def _on_reload(state: ProxyState, cred: Credential, error: CredentialError | None) -> None:

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -23,6 +23,7 @@ import yaml
 from .errors import ConfigError
 from .policy import Policy, PolicyError
 from .ratelimit import RateLimit
+from .wallet_rules import CDP_HOST, WalletRule, WalletRuleError, WalletRules
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -41,6 +42,9 @@ DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 DEFAULT_UPSTREAM_TIMEOUT: Final = 30.0
 DEFAULT_HEADER_TIMEOUT: Final = 60.0
 DEFAULT_MAX_HEADER_BYTES: Final = 32 * 1024
+# Hosts whose official SDK (cdp-sdk) signs `uris: [...]`; coinbase-advanced-py signs `uri` for the
+# others (docs/coinbase-auth.md, "The uri claim").
+URIS_CLAIM_HOSTS: Final = frozenset({CDP_HOST, "api.developer.coinbase.com"})
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,17 @@ class CredentialConfig:
     passphrase: SecretSource | None = None  # Exchange, Prime, INTX
     policy: Policy | None = None  # what requests this credential may sign
     rate_limit: RateLimit | None = None
+    wallet_secret: SecretSource | None = None  # CDP v2 Server Wallets (X-Wallet-Auth)
+    # Derived from the upstreams at load, for the CDP signer: hosts signed with the `uris` claim
+    # form, and which requests get a wallet token.
+    uris_hosts: frozenset[str] = frozenset()
+    wallet_rules: WalletRules = field(default_factory=WalletRules)
 
     def files(self) -> tuple[Path, ...]:
         """Files this credential is read from (watched for rotation)."""
         found = [self.key_file] if self.key_file else []
         sources = (self.key_name, self.private_key, self.api_key, self.api_secret, self.passphrase)
-        for src in sources:
+        for src in (*sources, self.wallet_secret):
             if src is not None and src.kind == "file":
                 found.append(Path(src.ref))
         return tuple(found)
@@ -98,6 +107,8 @@ class UpstreamConfig:
     # The name the upstream's certificate is verified against (and sent as SNI) when url: points
     # at an IP or a gateway; None: url:'s own host.
     tls_server_name: str | None = None
+    jwt_uri_claim: Literal["uri", "uris"] = "uri"  # the CDP JWT's claim form for this host
+    wallet_rules: tuple[WalletRule, ...] = ()  # requests that get X-Wallet-Auth
 
 
 @dataclass(frozen=True)
@@ -187,7 +198,11 @@ _CDP_KEYS: Final = {
     "key_file",
     "policy",
     "rate_limit",
-    *(f"{b}{s}" for b in ("key_name", "private_key") for s in ("", "_env", "_file")),
+    *(
+        f"{b}{s}"
+        for b in ("key_name", "private_key", "wallet_secret")
+        for s in ("", "_env", "_file")
+    ),
 }
 _HMAC_KEYS: Final = {
     "type",
@@ -206,6 +221,8 @@ _UPSTREAM_KEYS: Final = {
     "retries",
     "tls_server_name",
     "websocket",
+    "jwt_uri_claim",
+    "wallet_auth",
 }
 # Coinbase's WebSocket-only hosts: upgrades are relayed to them without a wss:// url or a flag.
 WEBSOCKET_HOSTS: Final = frozenset(
@@ -372,6 +389,7 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
     r.known(data, _CDP_KEYS, where)
     key_name = r.secret(data, "key_name", where)
     private_key = r.secret(data, "private_key", where)
+    wallet_secret = r.secret(data, "wallet_secret", where)
     if "key_file" in data:
         if key_name or private_key:
             raise r.fail(where, "give key_file, or key_name + private_key, not both")
@@ -381,6 +399,7 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
             key_file=r.file_path(data["key_file"], f"{where}.key_file"),
             policy=policy,
             rate_limit=rate_limit,
+            wallet_secret=wallet_secret,
         )
     if key_name is None or private_key is None:
         raise r.fail(
@@ -395,6 +414,7 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
         private_key=private_key,
         policy=policy,
         rate_limit=rate_limit,
+        wallet_secret=wallet_secret,
     )
 
 
@@ -450,9 +470,27 @@ def _upstream(
     websocket = data.get("websocket", url.startswith("wss://") or host in WEBSOCKET_HOSTS)
     if not isinstance(websocket, bool):
         raise r.fail(f"{where}.websocket", "expected true or false")
+    claim = data.get("jwt_uri_claim", "uris" if host in URIS_CLAIM_HOSTS else "uri")
+    if claim not in ("uri", "uris"):
+        raise r.fail(f"{where}.jwt_uri_claim", "expected uri or uris")
+    wallet_rules = WalletRules.defaults(host) + _wallet_paths(r, data, where)
     return UpstreamConfig(
-        host, credential, url, ca_file, timeout, retries, websocket, tls_server_name
-    )
+        host, credential, url, ca_file, timeout, retries, websocket,
+        tls_server_name=tls_server_name, jwt_uri_claim=claim, wallet_rules=wallet_rules,
+    )  # fmt: skip
+
+
+def _wallet_paths(r: _Reader, data: Mapping[str, Any], where: str) -> tuple[WalletRule, ...]:
+    """``wallet_auth: {paths: [...]}``: more requests that need an X-Wallet-Auth token."""
+    section = r.mapping(data.get("wallet_auth"), f"{where}.wallet_auth")
+    r.known(section, {"paths"}, f"{where}.wallet_auth")
+    paths = section.get("paths") or []
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise r.fail(f"{where}.wallet_auth.paths", 'expected a list like ["POST /platform/v2/..."]')
+    try:
+        return tuple(WalletRule.parse(p) for p in paths)
+    except WalletRuleError as exc:
+        raise r.fail(f"{where}.wallet_auth.paths", str(exc)) from None
 
 
 def _route(
@@ -525,6 +563,13 @@ def parse_config(
         upstreams[up.name] = up
     if not upstreams:
         raise r.fail("upstreams", "configure at least one upstream host, e.g. api.coinbase.com")
+
+    # What the CDP signer must know of the upstreams: the claim form and the wallet rules per host.
+    uris_hosts = frozenset(up.name for up in upstreams.values() if up.jwt_uri_claim == "uris")
+    rules = WalletRules({up.name: up.wallet_rules for up in upstreams.values() if up.wallet_rules})
+    for name, cred in credentials.items():
+        if cred.type == "cdp":
+            credentials[name] = replace(cred, uris_hosts=uris_hosts, wallet_rules=rules)
 
     raw_routes = data.get("routes") or []
     if not isinstance(raw_routes, list):

@@ -135,6 +135,12 @@ class ProxyMetrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
+        self.wallet_tokens = Counter(
+            f"{ns}_wallet_tokens_minted_total",
+            "CDP v2 X-Wallet-Auth tokens minted (Server Wallet operations), by credential",
+            ["credential"],
+            registry=registry,
+        )
         self.retries = Counter(
             f"{ns}_retries_total",
             "Requests sent again, freshly signed, after failing before reaching the upstream",

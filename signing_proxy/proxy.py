@@ -292,6 +292,8 @@ class ProxyHandler:
                         self.metrics.count_signature(
                             credential, signer.scheme, ex.sign_seconds, 1 + ex.retries
                         )
+                        if ex.wallet_tokens:
+                            self.metrics.wallet_tokens.labels(credential).inc(ex.wallet_tokens)
                 self.metrics.observe_upstream(target.upstream.name, ex.upstream_seconds)
         except ProxyError as exc:
             ex.status, ex.error = exc.status, exc.code

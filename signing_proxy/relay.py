@@ -32,6 +32,7 @@ from .config import UpstreamConfig
 from .errors import ConfigError, RequestRejected, UpstreamError
 from .routing import Target
 from .signers import Signer
+from .wallet_auth import WALLET_HEADER
 
 __all__ = [
     "END_TO_END",
@@ -225,6 +226,7 @@ class Exchange:
     error: str | None = None
     retries: int = 0
     upstream_date: str | None = None  # the upstream's Date header, for the clock skew gauge
+    wallet_tokens: int = 0  # X-Wallet-Auth tokens minted (one per attempt)
 
 
 def create_session() -> aiohttp.ClientSession:
@@ -280,7 +282,7 @@ async def read_capped_body(
     cap: int,
     *,
     limit: str = "max_body_bytes",
-    why: str = "HMAC signing must read the whole body",
+    why: str = "signing must read the whole body",
 ) -> bytes:
     """The whole request body, refused with 413 above ``cap`` bytes (read no further than that)."""
     declared = request.content_length
@@ -365,7 +367,9 @@ class Relay:
             if signer is not None:
                 s0 = time.perf_counter()
                 # Fresh for every attempt: a nonce or timestamp is never sent twice.
-                headers.update(signer.sign(method, host, target.path, target.query, body))
+                signed = signer.sign(method, host, target.path, target.query, body)
+                headers.update(signed)
+                ex.wallet_tokens += WALLET_HEADER in signed
                 ex.sign_seconds += time.perf_counter() - s0
             data: bytes | AsyncIterator[bytes] | None = body
             if stream is not None:
@@ -413,7 +417,7 @@ class Relay:
 
         body: bytes | None = None
         stream: _BodyStream | None = None
-        if signer is not None and signer.requires_body:
+        if signer is not None and signer.needs_body(request.method, host, target.path):
             body = await self._read_body(request, timeout)
             if not body and not request.body_exists:
                 body = None

@@ -65,7 +65,8 @@ def test_jwt_export_form(ec_key_file: Path, ec_key: ec.EllipticCurvePrivateKey) 
     line = result.stdout.strip()
     assert line.startswith("export JWT=")
     claims = jwt.decode(line.removeprefix("export JWT="), ec_key.public_key(), algorithms=["ES256"])
-    assert claims["uri"] == "POST api.developer.coinbase.com/onramp/v1/token"
+    assert claims["uris"] == ["POST api.developer.coinbase.com/onramp/v1/token"]  # cdp-sdk form
+    assert "uri" not in claims
 
 
 def test_jwt_bad_key_file_is_clear(tmp_path: Path) -> None:
@@ -218,7 +219,7 @@ async def test_curl_through_both_modes(
             data = json.loads(out)
             assert data["auth"] == "jwt", data
         assert (
-            data["claims"]["uri"] == "POST api.developer.coinbase.com/onramp/v1/buy/quote"
+            data["claims"]["uris"] == ["POST api.developer.coinbase.com/onramp/v1/buy/quote"]
             and data["body_len"] == 7
         )
         # https:// through the proxy means CONNECT: refused, and curl says so

@@ -67,3 +67,9 @@ def test_commented_settings_are_valid_when_uncommented() -> None:
     assert venues == {"exchange": "exchange", "prime": "prime", "intx": "intx"}
     assert config.upstreams["ws-feed.exchange.coinbase.com"].credential == "exchange"
     assert prefixes.index("/ws/exchange") < prefixes.index("/ws") and "/prime/" in prefixes
+    wallet = config.credentials["trading"].wallet_secret
+    assert wallet is not None and wallet.ref == str(
+        EXAMPLE.parent / "secrets" / "cdp_wallet_secret"
+    )
+    cdp = config.upstreams["api.cdp.coinbase.com"]
+    assert cdp.jwt_uri_claim == "uris" and len(cdp.wallet_rules) == 26 + 14 + 1
