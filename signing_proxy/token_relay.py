@@ -1,0 +1,235 @@
+"""REST calls to a ``token_exchange`` upstream (drb.coinbase.com): bearer token, one retry.
+
+The gateway speaks JSON-RPC over HTTP: ``POST /api/v2/<method>`` with a JSON-RPC body (or
+``GET /api/v2/<method>?params``). Private methods (``private/...``) carry
+``Authorization: Bearer <access token>`` from the credential's TokenBroker; public methods go
+without one. The method is read from the path and from the body's ``method``; when both are
+given they must agree, and a private method must be named in the path, so that a policy on
+paths sees the call that runs.
+
+The body is read whole (``max_body_bytes``, 413 above) because a private call the gateway
+answers with "token rejected" (JSON-RPC 13004 or 13009: the call did not run) is sent once more,
+with the same bytes and a fresh token. Every other answer, and the second rejection, passes
+through unchanged; nothing else is ever sent twice (not even after a broken connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .errors import RequestRejected
+from .metrics import ProxyMetrics
+from .relay import (
+    Exchange,
+    UpstreamEndpoint,
+    filter_request_headers,
+    filter_response_headers,
+    read_capped_body,
+    translate_client_error,
+)
+from .routing import Target
+from .token_exchange import TOKEN_REJECTED_CODES, TokenBrokers
+
+__all__ = ["TokenRelay", "is_token_rejected", "rpc_method"]
+
+log = logging.getLogger(__name__)
+
+_API_PREFIX: Final = "/api/v2/"
+_PEEK_BYTES: Final = 64 * 1024  # answers up to this size are read whole (and checked)
+
+
+def rpc_method(path: str, body: bytes) -> str | None:
+    """The JSON-RPC method a call invokes, from its path and body; refuses ambiguous calls."""
+    in_path = path[len(_API_PREFIX) :] if path.startswith(_API_PREFIX) else None
+    in_body: str | None = None
+    if body.lstrip()[:1] in (b"{", b"["):
+        try:
+            call = json.loads(body)
+        except (ValueError, RecursionError):
+            call = None  # not JSON after all: the gateway will say so
+        if isinstance(call, list):
+            raise RequestRejected(
+                "JSON-RPC batches are not relayed to a token_exchange upstream; send one call "
+                "per request",
+                code="jsonrpc_batch_refused",
+            )
+        if isinstance(call, dict) and isinstance(call.get("method"), str):
+            in_body = call["method"]
+    if in_body is not None and in_path is not None and in_body != in_path:
+        raise RequestRejected(
+            f"the JSON-RPC method in the body ({in_body[:80]!r}) differs from the one in the "
+            f"path ({in_path[:80]!r}); send POST /api/v2/<method> with that same method",
+            code="jsonrpc_method_mismatch",
+        )
+    if in_body is not None and in_path is None and in_body.startswith("private/"):
+        raise RequestRejected(
+            f"name private methods in the path: POST /api/v2/{in_body[:80]}",
+            code="jsonrpc_method_mismatch",
+        )
+    return in_path if in_path is not None else in_body
+
+
+def is_token_rejected(answer: bytes) -> bool:
+    """Is this JSON-RPC answer the gateway's "access token rejected" error?"""
+    if b"error" not in answer:
+        return False
+    try:
+        data = json.loads(answer)
+    except (ValueError, RecursionError):
+        return False
+    error = data.get("error") if isinstance(data, dict) else None
+    return isinstance(error, dict) and error.get("code") in TOKEN_REJECTED_CODES
+
+
+class TokenRelay:
+    """Forwards requests for ``token_exchange`` upstreams; the relay hands them over."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        endpoints: dict[str, UpstreamEndpoint],
+        brokers: TokenBrokers,
+        metrics: ProxyMetrics,
+        max_body_bytes: int,
+    ):
+        self.session = session
+        self.endpoints = endpoints
+        self.brokers = brokers
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def forward(
+        self, request: web.BaseRequest, target: Target, ex: Exchange
+    ) -> web.StreamResponse:
+        host = target.upstream.name
+        timeout = target.upstream.timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout(timeout):
+                body = await read_capped_body(
+                    request, self.max_body_bytes,
+                    why="calls to a token_exchange upstream are read whole, to be resent once "
+                    "if the gateway rejects the access token",
+                )  # fmt: skip
+        except TimeoutError:
+            raise RequestRejected(
+                f"the request body did not arrive within {timeout:g}s",
+                code="body_timeout",
+                status=408,
+            ) from None
+        method = rpc_method(target.path, body)
+        headers = filter_request_headers(request.headers, host)
+        if method is None or not method.startswith("private/"):
+            upstream, answer = await self._send(request, target, headers, body, ex, deadline)
+            return await self._respond(request, target, upstream, answer, ex)
+        assert target.credential is not None  # config: token_exchange needs a credential
+        broker = self.brokers.get(target.credential, host)
+        token = await broker.token(deadline - loop.time())
+        headers["Authorization"] = f"Bearer {token}"
+        upstream, answer = await self._send(request, target, headers, body, ex, deadline)
+        if answer is not None and is_token_rejected(answer):
+            upstream.release()
+            ex.retries += 1
+            self.metrics.token_rejected_retries.labels(target.credential).inc()
+            log.info(
+                "access token rejected by the gateway; sending the call again with a fresh one",
+                extra={"fields": {"request_id": ex.request_id, "upstream": host,
+                                  "credential": target.credential}},
+            )  # fmt: skip
+            token = await broker.refresh(token, deadline - loop.time())
+            headers["Authorization"] = f"Bearer {token}"
+            upstream, answer = await self._send(request, target, headers, body, ex, deadline)
+        return await self._respond(request, target, upstream, answer, ex)
+
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        target: Target,
+        headers: CIMultiDict[str],
+        body: bytes,
+        ex: Exchange,
+        deadline: float,
+    ) -> tuple[aiohttp.ClientResponse, bytes | None]:
+        """Send once; the answer is read whole when it is small (None: stream it)."""
+        endpoint = self.endpoints[target.upstream.name]
+        host = target.upstream.name
+        raw = endpoint.origin + target.path + ("?" + target.query if target.query else "")
+        left = deadline - asyncio.get_running_loop().time()
+        timeout = aiohttp.ClientTimeout(total=max(left, 0.001))
+        started = time.perf_counter()
+        try:
+            upstream = await self.session.request(
+                request.method, URL(raw, encoded=True), headers=headers,
+                data=body if body or request.body_exists else None,
+                allow_redirects=False, ssl=endpoint.ssl, timeout=timeout,
+            )  # fmt: skip
+            ex.upstream_seconds += time.perf_counter() - started
+            size = upstream.content_length
+            if request.method == "HEAD" or size is None or size > _PEEK_BYTES:
+                return upstream, None
+            try:
+                return upstream, await upstream.read()
+            except BaseException:  # never pool a half-read connection
+                upstream.close()
+                raise
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+            raise translate_client_error(exc, host, endpoint.config.timeout) from None
+
+    async def _respond(
+        self,
+        request: web.BaseRequest,
+        target: Target,
+        upstream: aiohttp.ClientResponse,
+        answer: bytes | None,
+        ex: Exchange,
+    ) -> web.StreamResponse:
+        ex.upstream_date = upstream.headers.get("Date")
+        ex.status = upstream.status
+        headers = filter_response_headers(upstream.headers)
+        headers["X-Request-Id"] = ex.request_id
+        if answer is not None:
+            upstream.release()
+            ex.bytes_out = len(answer)
+            return web.Response(
+                status=upstream.status, reason=upstream.reason, headers=headers, body=answer
+            )
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        complete = False
+        try:
+            await response.prepare(request)
+            try:
+                while chunk := await upstream.content.readany():
+                    await response.write(chunk)
+                    ex.bytes_out += len(chunk)
+            except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+                # Headers are gone already: the only honest signal left is a broken connection.
+                ex.error = translate_client_error(
+                    exc, target.upstream.name, target.upstream.timeout
+                ).code
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            complete = True
+            await response.write_eof()
+            return response
+        except ConnectionResetError:
+            ex.error = "client_disconnected"
+            return response
+        finally:
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
