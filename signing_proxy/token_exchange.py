@@ -343,7 +343,15 @@ class TokenBroker:
             if wait > 0:
                 await asyncio.sleep(min(wait, _KEY_POLL))
                 continue
-            await asyncio.shield(self._start())
+            try:
+                await asyncio.shield(self._start())
+            except Exception as exc:  # keep refreshing whatever happened; log the type only
+                log.error(
+                    "access-token exchange crashed",
+                    extra={"fields": {"credential": self.credential.name,
+                                      "exc_type": type(exc).__name__}},
+                )  # fmt: skip
+                await asyncio.sleep(_KEY_POLL)
 
     def start(self) -> None:
         if self._task is None:

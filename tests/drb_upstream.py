@@ -15,12 +15,14 @@ import json
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from .upstream import Unauthorized, VerifyingUpstream
 
+DRB = "drb.coinbase.com"
 UNAUTHORIZED = {"code": 13009, "message": "unauthorized"}
 
 
@@ -43,7 +45,7 @@ class DrbSocket:
 
 
 class DrbUpstream(VerifyingUpstream):
-    lifetime: float = 3.0  # seconds an access token lives
+    lifetime: float = 30.0  # seconds an access token lives (tests of refreshes shorten it)
     auth_delay: float = 0.0  # seconds public/auth takes to answer
     auth_error: dict[str, Any] | None = None  # answer every public/auth with this error
     reject_all: bool = False  # answer every private call with 13009
@@ -161,3 +163,23 @@ class DrbUpstream(VerifyingUpstream):
 
 def _digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
+
+
+def drb_config(drb: DrbUpstream, ca_file: Path, key_file: Path) -> dict[str, Any]:
+    return {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "drain_timeout": 2,
+        "credentials": {"trading": {"key_file": str(key_file)}},
+        "upstreams": {
+            DRB: {
+                "credential": "trading",
+                "auth": "token_exchange",
+                "websocket": True,
+                "url": drb.url,
+                "ca_file": str(ca_file),
+                "timeout": 5,
+            }
+        },
+        "routes": [{"prefix": "/drb", "upstream": DRB, "strip_prefix": True}],
+    }

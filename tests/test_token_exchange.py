@@ -13,15 +13,13 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import trustme
 import yaml
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import generate_latest
 
 from signing_proxy.app import ProxyServer
@@ -29,49 +27,15 @@ from signing_proxy.config import parse_config
 from signing_proxy.errors import ConfigError
 from signing_proxy.token_exchange import TokenBroker, redact
 
-from .conftest import EC_KEY_NAME, ED_KEY_NAME, MakeProxy, ec_pem
-from .drb_upstream import DrbUpstream
+from .conftest import MakeProxy, ec_pem
+from .drb_upstream import DRB, DrbUpstream, drb_config
 from .helpers import admin, base, fetch, metric, wait_for
 
-DRB = "drb.coinbase.com"
 POSITIONS = "/drb/api/v2/private/get_positions"
 
 
 def call(method: str, **params: Any) -> bytes:
     return json.dumps({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).encode()
-
-
-@pytest.fixture
-async def drb(
-    ca: trustme.CA, ec_key: ec.EllipticCurvePrivateKey, ed_key: ed25519.Ed25519PrivateKey
-) -> AsyncIterator[DrbUpstream]:
-    server = DrbUpstream(
-        ca, keys={EC_KEY_NAME: ec_key.public_key(), ED_KEY_NAME: ed_key.public_key()}
-    )
-    server.lifetime = 30.0
-    await server.start()
-    yield server
-    await server.close()
-
-
-def drb_config(drb: DrbUpstream, ca_file: Path, key_file: Path) -> dict[str, Any]:
-    return {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "drain_timeout": 2,
-        "credentials": {"trading": {"key_file": str(key_file)}},
-        "upstreams": {
-            DRB: {
-                "credential": "trading",
-                "auth": "token_exchange",
-                "websocket": True,
-                "url": drb.url,
-                "ca_file": str(ca_file),
-                "timeout": 5,
-            }
-        },
-        "routes": [{"prefix": "/drb", "upstream": DRB, "strip_prefix": True}],
-    }
 
 
 def broker(proxy: ProxyServer) -> TokenBroker:
