@@ -482,7 +482,10 @@ def _upstream(
             "token_exchange needs a CDP credential (key_file or key_name + private_key) "
             "on this upstream: its key is exchanged for the access token",
         )
-    websocket = data.get("websocket", url.startswith("wss://") or host in WEBSOCKET_HOSTS)
+    # A token_exchange gateway serves its in-band-authenticated socket on the same host.
+    websocket = data.get(
+        "websocket", url.startswith("wss://") or host in WEBSOCKET_HOSTS or auth is not None
+    )
     if not isinstance(websocket, bool):
         raise r.fail(f"{where}.websocket", "expected true or false")
     claim = data.get("jwt_uri_claim", "uris" if host in URIS_CLAIM_HOSTS else "uri")

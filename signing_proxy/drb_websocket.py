@@ -53,6 +53,22 @@ _MARK: Final = str(RESERVED_ID_BASE)[:10]  # every reserved id starts with these
 _REFUSED_CODE: Final = -32600  # JSON-RPC "Invalid Request"
 
 
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _Duplicate
+    return found
+
+
+def _error(call_id: Any, code: int, message: str) -> str:
+    error = {"code": code, "message": message}
+    return json.dumps({"jsonrpc": "2.0", "id": call_id, "error": error})
+
+
 def _calls(text: str) -> list[dict[str, Any]]:
     try:
         data = json.loads(text)
@@ -85,6 +101,7 @@ class SocketAuth:
         self.auths = 0  # successful public/auth calls on this socket
         self._ids = itertools.count(RESERVED_IDS.start)
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._secrets: tuple[str, ...] = ()  # this socket's tokens (current and previous)
 
     def _call(self) -> tuple[int, str]:
         signer = self.credentials.signer(self.credential)
@@ -99,6 +116,9 @@ class SocketAuth:
         except ExchangeFailed as exc:
             self.metrics.token_exchanges.labels(self.credential, "websocket", exc.outcome).inc()
             raise
+        result = answer["result"]
+        fresh = tuple(v for v in (grant.token, result.get("refresh_token")) if isinstance(v, str))
+        self._secrets = (*fresh, *self._secrets)[:4]
         self.expires_at = started + grant.expires_in
         self.refresh_at = started + grant.expires_in * REFRESH_RATIO
         self.auths += 1
@@ -122,6 +142,9 @@ class SocketAuth:
                     elif msg.type in (WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG):
                         self.early.append(msg)
                     else:
+                        self.metrics.token_exchanges.labels(
+                            self.credential, "websocket", "unreachable"
+                        ).inc()
                         raise ExchangeFailed("the upstream closed the socket", "unreachable")
         except ExchangeFailed as exc:
             reason = exc.reason
@@ -129,6 +152,7 @@ class SocketAuth:
             self.metrics.token_exchanges.labels(self.credential, "websocket", "timeout").inc()
             reason = f"no answer within {self.timeout:g}s"
         except (aiohttp.ClientError, ConnectionError) as exc:
+            self.metrics.token_exchanges.labels(self.credential, "websocket", "unreachable").inc()
             reason = f"the connection failed ({type(exc).__name__})"
         raise UpstreamError(
             f"{host} did not authenticate the WebSocket for credential '{self.credential}': "
@@ -137,10 +161,21 @@ class SocketAuth:
         )
 
     def from_client(self, text: str) -> str | None:
-        """None: relay the message. Otherwise the JSON-RPC error to answer the client with."""
-        if AUTH_METHOD not in text and _MARK not in text:
-            return None  # the common case costs two substring searches
-        for call in _calls(text):
+        """None: relay the message. Otherwise the JSON-RPC error to answer the client with.
+
+        Every message is parsed (strictly: a key twice is refused, since parsers disagree on
+        which one counts), so no spelling of ``public/auth`` (escapes, duplicate keys, a batch)
+        reaches the gateway from the client.
+        """
+        try:
+            data = json.loads(text, object_pairs_hook=_unique)
+        except (ValueError, RecursionError):
+            return _error(
+                None, -32700, "not relayed: not one JSON-RPC message (plain JSON, each key once)"
+            )
+        for call in data if isinstance(data, list) else [data]:
+            if not isinstance(call, dict):
+                continue
             call_id = call.get("id")
             if call.get("method") == AUTH_METHOD:
                 message = (
@@ -148,24 +183,32 @@ class SocketAuth:
                     "itself; send your calls without authenticating"
                 )
             elif isinstance(call_id, int) and call_id in RESERVED_IDS:
-                message = f"ids from {RESERVED_IDS.start} to {RESERVED_IDS.stop - 1} are reserved by the signing proxy"
+                message = (
+                    f"ids from {RESERVED_IDS.start} to {RESERVED_IDS.stop - 1} are reserved by "
+                    "the signing proxy"
+                )
             else:
                 continue
-            error = {"code": _REFUSED_CODE, "message": message}
-            return json.dumps({"jsonrpc": "2.0", "id": call_id, "error": error})
+            return _error(call_id, _REFUSED_CODE, message)
         return None
 
-    def from_upstream(self, text: str) -> bool:
-        """True when the message answers one of the proxy's own calls (it is consumed)."""
-        if not self._waiting or _MARK not in text:
-            return False
-        for call in _calls(text):
-            future = self._waiting.pop(call.get("id"), None)  # type: ignore[arg-type]
-            if future is not None:
-                if not future.done():
-                    future.set_result(call)
-                return True
-        return False
+    def from_upstream(self, text: str) -> str | None:
+        """The message to relay to the client; None when it answers the proxy's own call.
+
+        A token of this socket that shows up anywhere else is blanked out: the client never
+        sees one, whatever the gateway sends.
+        """
+        if self._waiting and _MARK in text:
+            for call in _calls(text):
+                future = self._waiting.pop(call.get("id"), None)  # type: ignore[arg-type]
+                if future is not None:
+                    if not future.done():
+                        future.set_result(call)
+                    return None
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "<redacted>")
+        return text
 
     async def run(self, send: Callable[[str], bool]) -> str:
         """Re-authenticate before expiry until cancelled; returns why it could not, if so."""

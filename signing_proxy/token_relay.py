@@ -20,7 +20,7 @@ import json
 import logging
 import ssl
 import time
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
@@ -45,37 +45,65 @@ __all__ = ["TokenRelay", "is_token_rejected", "rpc_method"]
 log = logging.getLogger(__name__)
 
 _API_PREFIX: Final = "/api/v2/"
+_PRIVATE: Final = "private/"
 _PEEK_BYTES: Final = 64 * 1024  # answers up to this size are read whole (and checked)
 
 
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects with a key twice are refused: parsers disagree on which one counts."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _Duplicate
+    return found
+
+
+def _refused(message: str, code: str = "jsonrpc_method_mismatch") -> RequestRejected:
+    return RequestRejected(message, code=code)
+
+
 def rpc_method(path: str, body: bytes) -> str | None:
-    """The JSON-RPC method a call invokes, from its path and body; refuses ambiguous calls."""
+    """The JSON-RPC method a call invokes, from its path and body; refuses ambiguous calls.
+
+    The gateway could dispatch on either, so they must agree, a private method must be in the
+    path (where policies look), and a private call's body must be one plain JSON object.
+    """
     in_path = path[len(_API_PREFIX) :] if path.startswith(_API_PREFIX) else None
+    private_path = in_path is not None and in_path.startswith(_PRIVATE)
     in_body: str | None = None
-    if body.lstrip()[:1] in (b"{", b"["):
+    if body.strip():
         try:
-            call = json.loads(body)
+            call = json.loads(body, object_pairs_hook=_unique)
+        except _Duplicate:
+            raise _refused("the JSON body has a key twice", "jsonrpc_body_refused") from None
         except (ValueError, RecursionError):
-            call = None  # not JSON after all: the gateway will say so
+            call = None  # not JSON: the gateway will say so (unless it is a private call)
         if isinstance(call, list):
-            raise RequestRejected(
+            raise _refused(
                 "JSON-RPC batches are not relayed to a token_exchange upstream; send one call "
                 "per request",
-                code="jsonrpc_batch_refused",
+                "jsonrpc_batch_refused",
             )
-        if isinstance(call, dict) and isinstance(call.get("method"), str):
+        if private_path and not isinstance(call, dict):
+            raise _refused(
+                "the body of a private call must be one JSON-RPC object (plain JSON, not "
+                "compressed)",
+                "jsonrpc_body_refused",
+            )
+        if isinstance(call, dict) and "method" in call:
+            if not isinstance(call["method"], str):
+                raise _refused("the JSON-RPC method must be a string", "jsonrpc_body_refused")
             in_body = call["method"]
     if in_body is not None and in_path is not None and in_body != in_path:
-        raise RequestRejected(
+        raise _refused(
             f"the JSON-RPC method in the body ({in_body[:80]!r}) differs from the one in the "
-            f"path ({in_path[:80]!r}); send POST /api/v2/<method> with that same method",
-            code="jsonrpc_method_mismatch",
+            f"path ({in_path[:80]!r}); send POST /api/v2/<method> with that same method"
         )
-    if in_body is not None and in_path is None and in_body.startswith("private/"):
-        raise RequestRejected(
-            f"name private methods in the path: POST /api/v2/{in_body[:80]}",
-            code="jsonrpc_method_mismatch",
-        )
+    if in_body is not None and in_path is None and in_body.startswith(_PRIVATE):
+        raise _refused(f"name private methods in the path: POST /api/v2/{in_body[:80]}")
     return in_path if in_path is not None else in_body
 
 
@@ -130,7 +158,7 @@ class TokenRelay:
             ) from None
         method = rpc_method(target.path, body)
         headers = filter_request_headers(request.headers, host)
-        if method is None or not method.startswith("private/"):
+        if method is None or not method.startswith(_PRIVATE):
             upstream, answer = await self._send(request, target, headers, body, ex, deadline)
             return await self._respond(request, target, upstream, answer, ex)
         assert target.credential is not None  # config: token_exchange needs a credential

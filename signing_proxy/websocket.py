@@ -319,8 +319,12 @@ class _Bridge:
                 if from_client and (refusal := self.auth.from_client(msg.data)) is not None:
                     self.to_client.offer(WSMessage(WSMsgType.TEXT, refusal, None), len(refusal))
                     continue
-                if not from_client and self.auth.from_upstream(msg.data):
-                    continue  # the answer to the proxy's own public/auth: holds the token
+                if not from_client:
+                    relayed = self.auth.from_upstream(msg.data)
+                    if relayed is None:
+                        continue  # the answer to the proxy's own public/auth: holds the token
+                    if relayed is not msg.data:
+                        msg = WSMessage(WSMsgType.TEXT, relayed, None)
             if msg.type is WSMsgType.TEXT:
                 try:
                     if sign and (signed := self._sign(msg.data)) is not None:

@@ -87,12 +87,24 @@ async def test_client_auth_and_reserved_ids_are_refused(
         assert "authenticates this connection itself" in refused["error"]["message"]
         refused = await ask(ws, rpc(RESERVED_ID_BASE + 1, "private/get_positions"))
         assert "reserved by the signing proxy" in refused["error"]["message"]
+        # Other spellings of the same call: a JSON escape, a key given twice, a batch, not JSON.
+        for sneaky in (
+            '{"jsonrpc":"2.0","id":8,"method":"public\\/auth","params":{}}',
+            '{"jsonrpc":"2.0","id":9,"method":"public/auth","method":"public/test"}',
+            "[" + rpc(10, "public/auth") + "]",
+            "{'id': 11, 'method': 'public/auth'}",
+        ):
+            refused = await ask(ws, sneaky)
+            assert refused["error"]["code"] in (-32600, -32700), sneaky
+        # Should the gateway ever echo the socket's token, the client still does not see it.
+        leaked = await ask(ws, rpc(12, "private/leak"))
+        assert leaked["result"] == {"echo": "your token is <redacted>"}
         answer = await ask(ws, rpc(6, "private/get_positions"))
         assert "result" in answer
     (session,) = drb.sockets
     await wait_for(session.closed.is_set)
     # Only the proxy's own auth and the one allowed call reached the gateway.
-    assert [a["id"] for a in session.sent] == [RESERVED_ID_BASE, 6]
+    assert [a["id"] for a in session.sent] == [RESERVED_ID_BASE, 12, 6]
 
 
 async def test_rest_and_websocket_share_one_upstream_entry(
