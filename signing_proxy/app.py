@@ -330,8 +330,6 @@ class ProxyServer:
         if self._malformed is not None:
             logging.getLogger(SERVER_LOGGER).removeFilter(self._malformed)
             self._malformed = None
-        if self.state.token_brokers is not None:
-            await self.state.token_brokers.stop()
         if min_drain > 0 and self._runners:
             log.info(
                 "draining: not ready, still accepting", extra={"fields": {"min_drain": min_drain}}
@@ -340,6 +338,8 @@ class ProxyServer:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        if self.state.token_brokers is not None:  # after the drain: requests may need a token
+            await self.state.token_brokers.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None

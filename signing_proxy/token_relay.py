@@ -4,8 +4,9 @@ The gateway speaks JSON-RPC over HTTP: ``POST /api/v2/<method>`` with a JSON-RPC
 ``GET /api/v2/<method>?params``). Private methods (``private/...``) carry
 ``Authorization: Bearer <access token>`` from the credential's TokenBroker; public methods go
 without one. The method is read from the path and from the body's ``method``; when both are
-given they must agree, and a private method must be named in the path, so that a policy on
-paths sees the call that runs.
+given they must agree, a private method must be named in the path, and a private call's body
+must be one plain JSON object with each key once, so that a policy on paths sees the call that
+runs whichever of the two the gateway dispatches on.
 
 The body is read whole (``max_body_bytes``, 413 above) because a private call the gateway
 answers with "token rejected" (JSON-RPC 13004 or 13009: the call did not run) is sent once more,
