@@ -169,7 +169,7 @@ class TokenBroker:
         self._failures = 0
         self._retry_at = 0.0
         self.last_error: str | None = None
-        self.exchanges = 0  # attempts made, for tests and the readiness body
+        self.exchanges = 0  # attempts made (shown by /readyz)
         self._inflight: asyncio.Task[str | None] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -226,6 +226,7 @@ class TokenBroker:
             "upstream": self.upstream,
             "token": "valid" if valid else "none",
             "expires_in": round(self._expires_at - now, 1) if valid else 0,
+            "exchanges": self.exchanges,
             "failures": self._failures,
             "last_error": self.last_error,
         }
