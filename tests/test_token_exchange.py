@@ -211,6 +211,25 @@ async def test_exchange_failure_is_a_clear_error_and_recovers(
     ) >= 1  # fmt: skip
 
 
+async def test_a_slow_exchange_fails_within_the_timeout(
+    make_proxy: MakeProxy, drb: DrbUpstream, ca_file: Path, ec_key_file: Path,
+    client: aiohttp.ClientSession,
+) -> None:  # fmt: skip
+    drb.auth_delay = 3.0
+    raw = drb_config(drb, ca_file, ec_key_file)
+    raw["upstreams"][DRB]["timeout"] = 1
+    proxy = await make_proxy(raw)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status, data, _, _ = await fetch(
+        client, "POST", base(proxy) + POSITIONS, data=call("private/get_positions")
+    )
+    assert loop.time() - started < 1.9  # the 1 s timeout (and some scheduling), not the 3 s
+    assert status in (503, 504) and data is not None, data
+    assert data["error"] in ("token_exchange_failed", "token_exchange_timeout")
+    assert "within 1" in data["message"]  # the exchange timed out, or the wait for it did
+
+
 async def test_unknown_key_fails_with_the_gateway_code(
     make_proxy: MakeProxy, drb: DrbUpstream, ca_file: Path, tmp_path: Path,
     client: aiohttp.ClientSession,
