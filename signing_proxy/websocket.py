@@ -317,7 +317,11 @@ class _Bridge:
             msg = await source.receive()
             if msg.type is WSMsgType.TEXT and self.auth is not None:
                 if from_client and (refusal := self.auth.from_client(msg.data)) is not None:
-                    self.to_client.offer(WSMessage(WSMsgType.TEXT, refusal, None), len(refusal))
+                    if not self.to_client.offer(
+                        WSMessage(WSMsgType.TEXT, refusal, None), len(refusal)
+                    ):
+                        self.end(_TOO_SLOW, "client too slow", "websocket_client_too_slow")
+                        return
                     continue
                 if not from_client:
                     relayed = self.auth.from_upstream(msg.data)
