@@ -64,6 +64,9 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
+_STRICT: Final = json.JSONDecoder(object_pairs_hook=_unique)  # built once: loads(**kw) is not
+
+
 def _error(call_id: Any, code: int, message: str) -> str:
     error = {"code": code, "message": message}
     return json.dumps({"jsonrpc": "2.0", "id": call_id, "error": error})
@@ -168,7 +171,7 @@ class SocketAuth:
         reaches the gateway from the client.
         """
         try:
-            data = json.loads(text, object_pairs_hook=_unique)
+            data = _STRICT.decode(text)
         except (ValueError, RecursionError):
             return _error(
                 None, -32700, "not relayed: not one JSON-RPC message (plain JSON, each key once)"

@@ -62,6 +62,9 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
+_STRICT: Final = json.JSONDecoder(object_pairs_hook=_unique)  # built once: loads(**kw) is not
+
+
 def _refused(message: str, code: str = "jsonrpc_method_mismatch") -> RequestRejected:
     return RequestRejected(message, code=code)
 
@@ -77,7 +80,7 @@ def rpc_method(path: str, body: bytes) -> str | None:
     in_body: str | None = None
     if body.strip():
         try:
-            call = json.loads(body, object_pairs_hook=_unique)
+            call = _STRICT.decode(body.decode())
         except _Duplicate:
             raise _refused("the JSON body has a key twice", "jsonrpc_body_refused") from None
         except (ValueError, RecursionError):
