@@ -186,8 +186,9 @@ class ProxyMetrics:
             registry=registry,
         )
         self.token_expiry = Gauge(
-            f"{ns}_access_token_expiry_timestamp_seconds",
-            "Unix time the credential's current access token expires (minus time(): seconds left)",
+            f"{ns}_token_expiry_seconds",
+            "Seconds until the credential's current access token expires (0: none); kept "
+            "current every second",
             ["credential"],
             multiprocess_mode="livemin",
             registry=registry,

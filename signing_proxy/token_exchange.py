@@ -297,9 +297,7 @@ class TokenBroker:
             self._refresh_at = 0.0
         self._failures, self.last_error = 0, None
         self._metrics.token_exchanges.labels(self.credential.name, "http", "ok").inc()
-        self._metrics.token_expiry.labels(self.credential.name).set(
-            time.time() + self._expires_at - self._clock()
-        )
+        self._show_expiry()
         log.info(
             "access token obtained",
             extra={"fields": {"credential": self.credential.name, "upstream": self.upstream,
@@ -337,9 +335,14 @@ class TokenBroker:
 
     # --- background refresh ---------------------------------------------------------------------
 
+    def _show_expiry(self) -> None:
+        left = self._expires_at - self._clock() if self._token is not None else 0.0
+        self._metrics.token_expiry.labels(self.credential.name).set(max(left, 0.0))
+
     async def run(self) -> None:
         """Exchange when due (start, 80 % of the lifetime, after a backoff, after rotation)."""
         while True:
+            self._show_expiry()  # the loop wakes at least once a second
             wait = self._due_in()
             if wait > 0:
                 await asyncio.sleep(min(wait, _KEY_POLL))

@@ -124,10 +124,8 @@ async def test_token_refreshed_before_it_expires(
     gaps = [b - a for a, b in zip(drb.exchange_times, drb.exchange_times[1:], strict=False)]
     assert all(0.8 * 2.0 * 0.9 < gap < 2.0 for gap in gaps), gaps  # at 80 %, before expiry
     assert metric(proxy, "signing_proxy_token_rejected_retries_total", credential="trading") == 0
-    expiry = metric(
-        proxy, "signing_proxy_access_token_expiry_timestamp_seconds", credential="trading"
-    )
-    assert expiry > 0
+    left = metric(proxy, "signing_proxy_token_expiry_seconds", credential="trading")
+    assert 0 < left <= 2.0  # seconds left of a 2 s token
 
 
 async def test_rejected_token_is_refreshed_and_the_call_sent_once_more(
