@@ -21,7 +21,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +33,9 @@ from .errors import ConfigError, RequestRejected, UpstreamError
 from .routing import Target
 from .signers import Signer
 from .wallet_auth import WALLET_HEADER
+
+if TYPE_CHECKING:
+    from .token_relay import TokenRelay
 
 __all__ = [
     "END_TO_END",
@@ -329,6 +332,7 @@ class Relay:
         self.endpoints = endpoints
         self.max_body_bytes = max_body_bytes
         self.max_stream_body_bytes = max_stream_body_bytes
+        self.tokens: TokenRelay | None = None  # upstreams with auth: token_exchange (app.py)
 
     async def _read_body(self, request: web.BaseRequest, seconds: float) -> bytes:
         try:
@@ -411,6 +415,10 @@ class Relay:
     async def forward(
         self, request: web.BaseRequest, target: Target, signer: Signer | None, ex: Exchange
     ) -> web.StreamResponse:
+        if target.upstream.auth == "token_exchange":  # a cached access token, not a signature
+            if self.tokens is None:
+                raise UpstreamError("token_exchange is not set up", code="internal_error")
+            return await self.tokens.forward(request, target, ex)
         host = target.upstream.name
         timeout = target.upstream.timeout
         headers = filter_request_headers(request.headers, host)
