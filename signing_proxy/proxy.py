@@ -272,6 +272,9 @@ class ProxyHandler:
                         status=403,
                     )
                 if not upgrade:
+                    if signer is not None:  # a request its signer refuses (a wallet write
+                        # without a Wallet Secret) is refused here, before any 100 Continue
+                        signer.needs_body(request.method, target.upstream.name, target.path)
                     await _send_continue(request)
                 if upgrade:
                     # The handshake is not signed: the relay puts JWTs in subscribe messages.

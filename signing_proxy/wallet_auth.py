@@ -147,7 +147,13 @@ class WalletAuth:
         self._credential = credential
 
     def needs_body(self, method: str, host: str, path: str) -> bool:
-        return self.signer is not None and self.rules.need(method, host, path) is not None
+        """Whether the body must be read; raises ``wallet_secret_required`` for a required
+        operation without a Wallet Secret, so it is refused before the body is even asked for
+        (the proxy asks before answering ``Expect: 100-continue``)."""
+        need = self.rules.need(method, host, path)
+        if need == "required" and self.signer is None:
+            raise self._secret_required(method, path)
+        return self.signer is not None and need is not None
 
     def headers(self, method: str, host: str, path: str, body: bytes | None) -> dict[str, str]:
         need = self.rules.need(method, host, path)
@@ -156,14 +162,17 @@ class WalletAuth:
         if self.signer is None:
             if need == "optional":
                 return {}
-            raise RequestRejected(
-                f"{method.upper()} {path[:200]} is a Server Wallet operation: it needs an "
-                f"X-Wallet-Auth token, and credential '{self._credential}' has no Wallet Secret. "
-                "Add wallet_secret_file (or wallet_secret_env) to it; nothing was sent upstream",
-                code="wallet_secret_required",
-                status=403,
-            )
+            raise self._secret_required(method, path)
         return {WALLET_HEADER: self.signer.token(method, host, path, body)}
+
+    def _secret_required(self, method: str, path: str) -> RequestRejected:
+        return RequestRejected(
+            f"{method.upper()} {path[:200]} is a Server Wallet operation: it needs an "
+            f"X-Wallet-Auth token, and credential '{self._credential}' has no Wallet Secret. "
+            "Add wallet_secret_file (or wallet_secret_env) to it; nothing was sent upstream",
+            code="wallet_secret_required",
+            status=403,
+        )
 
 
 def parse_wallet_secret(text: str, source: str) -> ec.EllipticCurvePrivateKey:

@@ -566,3 +566,20 @@ async def test_a_prefix_route_policy_holds_for_every_credential_and_spelling(
         assert _status(raw) == 403 and as_json(raw)["error"] == "policy_denied", (target, raw)
     assert raw_upstream.requests == []
     assert _status(await raw_exchange(proxy.port(0), _request("GET", "/v2/accounts"))) == 200
+
+
+async def test_a_wallet_write_without_a_wallet_secret_is_refused_before_100_continue(
+    make_proxy: MakeProxy, raw_upstream: RawUpstream, ca_file: Path, ec_key_file: Path
+) -> None:
+    config = _config(raw_upstream, ca_file, ec_key_file)
+    config["upstreams"]["api.cdp.coinbase.com"] = {
+        "url": raw_upstream.url, "ca_file": str(ca_file), "timeout": 5, "credential": "trading",
+    }  # fmt: skip
+    config["routes"].insert(0, {"prefix": "/platform/", "upstream": "api.cdp.coinbase.com"})
+    proxy = await make_proxy(config)
+    sent = _request(
+        "POST", "/platform/v2/evm/accounts", "Expect: 100-continue", "Content-Length: 20"
+    )
+    raw = await raw_exchange(proxy.port(0), sent)  # the body is never sent
+    assert _status(raw) == 403 and as_json(raw)["error"] == "wallet_secret_required"
+    assert b"100 Continue" not in raw and raw_upstream.requests == []
