@@ -303,6 +303,8 @@ class ProxyServer:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        if self.state.handler is not None:
+            await self.state.handler.relay.close()  # the pooled upstream connections
         if self._session is not None:
             await self._session.close()
             self._session = None
