@@ -1,4 +1,4 @@
-"""Signing microbenchmark: microseconds per token, ES256 / EdDSA / HMAC-SHA256.
+"""Signing microbenchmark: microseconds per token, ES256 / EdDSA / HMAC-SHA256 / CDP v2 wallet.
 
 Compares, in one process and with the same keys:
   floor      raw `cryptography` sign of a prebuilt JWT signing input with a cached key
@@ -6,6 +6,8 @@ Compares, in one process and with the same keys:
   coinbase   coinbase-advanced-py `coinbase.jwt_generator.build_rest_jwt` (parses the key each call)
   cdp-sdk    cdp-sdk `cdp.auth.generate_jwt(JwtOptions(...))` (parses the key each call)
   ours       signing_proxy.signers.CdpJwtSigner(...).sign(...) / HmacSigner(...).sign(...)
+The wallet rows (X-Wallet-Auth, ES256 with the Wallet Secret) compare WalletSigner.token with a
+body hash and without one against the same raw ES256 sign floor, and cdp-sdk `generate_wallet_jwt`.
 Each figure is the best of several repeats (timeit-style), so it is the cost when warm and undisturbed.
 A missing implementation is reported as such, never fatal.
 
@@ -186,6 +188,60 @@ def hmac_cases() -> tuple[dict[str, Callable[[], Any]], dict[str, str], dict[str
     return cases, checks, errors
 
 
+WALLET_PATH = "/platform/v2/evm/accounts/0x4315d134aCd3221a02dD380ADE3aF39Ce219037c/sign/message"
+WALLET_BODY = (
+    b'{"message": "hello, world", "idempotencyKey": "8e03978e-40d5-43e8-bc93-6894a57f9324"}'
+)
+
+
+def wallet_cases() -> tuple[dict[str, Callable[[], Any]], dict[str, str], dict[str, str]]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    secret = base64.b64encode(der).decode()
+    claims = {"uris": [f"POST api.cdp.coinbase.com{WALLET_PATH}"], "iat": 1, "nbf": 1, "jti": "x"}
+    msg = b64url(b'{"alg":"ES256","typ":"JWT"}') + b"." + b64url(json.dumps(claims).encode())
+    cases: dict[str, Callable[[], Any]] = {
+        "floor (raw cryptography sign)": lambda: key.sign(msg, ec.ECDSA(hashes.SHA256()))
+    }
+    checks: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    body_json = json.loads(WALLET_BODY)
+    want = hashlib.sha256(json.dumps(body_json, separators=(",", ":"), sort_keys=True).encode())
+    try:
+        from signing_proxy.wallet_auth import WalletSigner
+
+        signer = WalletSigner(key)
+        token = signer.token("POST", "api.cdp.coinbase.com", WALLET_PATH, WALLET_BODY)
+        got = jwt.decode(token, key.public_key(), algorithms=["ES256"])
+        ok = got.get("reqHash") == want.hexdigest() and got["uris"] == claims["uris"]
+        checks["signing-proxy WalletSigner.token (body)"] = "ok" if ok else f"BAD: {got}"
+        cases["signing-proxy WalletSigner.token (body)"] = lambda: signer.token(
+            "POST", "api.cdp.coinbase.com", WALLET_PATH, WALLET_BODY
+        )
+        cases["signing-proxy WalletSigner.token (no body)"] = lambda: signer.token(
+            "POST", "api.cdp.coinbase.com", WALLET_PATH, None
+        )
+    except Exception as e:
+        errors["signing-proxy WalletSigner.token"] = f"{type(e).__name__}: {e}"
+    try:
+        from cdp.auth.utils.jwt import WalletJwtOptions, generate_wallet_jwt
+
+        cases["cdp-sdk generate_wallet_jwt (body)"] = lambda: generate_wallet_jwt(
+            WalletJwtOptions(
+                wallet_auth_key=secret,
+                request_method="POST",
+                request_host="api.cdp.coinbase.com",
+                request_path=WALLET_PATH,
+                request_data=body_json,
+            )
+        )
+    except Exception as e:
+        errors["cdp-sdk generate_wallet_jwt (body)"] = f"not importable: {e}"
+    return cases, checks, errors
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,6 +256,7 @@ def main() -> int:
         ("ES256", lambda: jwt_cases("ES256")),
         ("EdDSA", lambda: jwt_cases("EdDSA")),
         ("HMAC-SHA256", hmac_cases),
+        ("ES256 wallet", wallet_cases),
     ):
         cases, checks, errors = builder()
         rows = {}

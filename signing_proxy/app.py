@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import gc
 import json
 import logging
@@ -44,9 +45,10 @@ from .credentials import (
     CredentialWatcher,
     read_secret,
 )
-from .errors import JSON_CONTENT_TYPE, CredentialError
+from .errors import JSON_CONTENT_TYPE, ConfigError, CredentialError
 from .guard import reap_orphans
 from .logs import AccessLog
+from .malformed import SERVER_LOGGER, MalformedRequestFilter
 from .metrics import ProxyMetrics
 from .proxy import ProxyHandler
 from .relay import Relay, UpstreamEndpoint, create_session
@@ -106,14 +108,15 @@ class _ProxyRunner(web.ServerRunner):
 
 def _described(info: CredentialInfo) -> dict[str, Any]:
     """Log fields that identify a loaded key: names and a public fingerprint, nothing secret."""
-    return {
-        "fields": {
-            "credential": info.name,
-            "scheme": info.scheme,
-            "key_id": info.key_id,
-            "fingerprint": info.fingerprint,
-        }
+    fields = {
+        "credential": info.name,
+        "scheme": info.scheme,
+        "key_id": info.key_id,
+        "fingerprint": info.fingerprint,
     }
+    if info.wallet_fingerprint is not None:  # CDP v2: the Wallet Secret's public key
+        fields["wallet_fingerprint"] = info.wallet_fingerprint
+    return {"fields": fields}
 
 
 def _on_reload(state: ProxyState, cred: Credential, error: CredentialError | None) -> None:
@@ -173,6 +176,7 @@ class ProxyServer:
         self._session: aiohttp.ClientSession | None = None
         self._guards: list[asyncio.Task[None]] = []
         self._watcher: asyncio.Task[None] | None = None
+        self._malformed: MalformedRequestFilter | None = None
 
     @property
     def metrics(self) -> ProxyMetrics:
@@ -263,7 +267,19 @@ class ProxyServer:
             site = web.TCPSite(
                 runner, address.host, address.port, reuse_port=self.reuse_port or None
             )
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:  # a busy port or a foreign address: one clear line, no trace
+                field = "listen" if address is self.config.listen else "admin_listen"
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                if exc.errno == errno.EADDRINUSE:
+                    reason += "; is another signing-proxy running?"
+                raise ConfigError(f"{field}: cannot listen on {address} ({reason})") from None
+        # Parser refusals: one WARNING per kind a minute and a counter, not a traceback each.
+        self._malformed = MalformedRequestFilter(
+            lambda kind: self.metrics.malformed_requests.labels(kind).inc()
+        )
+        logging.getLogger(SERVER_LOGGER).addFilter(self._malformed)
         # Key rotation without restart: poll the key files, reload what changed.
         watcher = CredentialWatcher(
             self.state.credentials, lambda c, e: _on_reload(self.state, c, e)
@@ -295,6 +311,9 @@ class ProxyServer:
                 await task
         self._guards.clear()
         self._watcher = None
+        if self._malformed is not None:
+            logging.getLogger(SERVER_LOGGER).removeFilter(self._malformed)
+            self._malformed = None
         if min_drain > 0 and self._runners:
             log.info(
                 "draining: not ready, still accepting", extra={"fields": {"min_drain": min_drain}}

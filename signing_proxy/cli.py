@@ -1,4 +1,4 @@
-"""The ``signing-proxy`` command: serve, check, jwt, onramp-url, keygen, topper-token (CONTRACT.md).
+"""The ``signing-proxy`` command: serve, check, jwt, onramp-url, keygen, topper-token (README.md, "Commands").
 
 Exit codes: 0 fine, 1 a problem with credentials or a request, 2 usage or config error.
 """
@@ -13,12 +13,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import __version__
 from .config import ENV_PREFIX, Config, env_overrides, load_config
 from .errors import ConfigError, CredentialError, ProxyError
+
+if TYPE_CHECKING:
+    from .credentials import CredentialInfo
 
 # Commands import what they use: the --workers supervisor and `wait` stay small and start fast
 # without the crypto and HTTP stacks.
@@ -35,6 +38,7 @@ examples:
   signing-proxy check -c config.yaml
   signing-proxy jwt --key-file cdp_api_key.json GET https://api.coinbase.com/api/v3/brokerage/accounts
   eval $(signing-proxy jwt --export --key-file cdp_api_key.json GET api.coinbase.com/api/v3/brokerage/accounts)
+  signing-proxy jwt --key-file cdp_api_key.json --wallet-secret-file ws.txt --body '{"name":"x"}' POST https://api.cdp.coinbase.com/platform/v2/evm/accounts
   signing-proxy onramp-url -c config.yaml --address 0x4315d134aCd3221a02dD380ADE3aF39Ce219037c --blockchains base --assets USDC
   signing-proxy keygen > topper.jwk.json
   signing-proxy topper-token -c config.yaml --payload flow.json --url
@@ -108,12 +112,14 @@ def _public_ip(text: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import setup_logging
+    from .workers import WORKER_ENV
 
     config = _config(args)
-    setup_logging(config.log_format, config.log_level)
+    setup_logging(config.log_format, config.log_level, worker=os.environ.get(WORKER_ENV))
     if config.workers > 1:
-        from .workers import supervise, worker_command
+        from .workers import check_bindable, supervise, worker_command
 
+        check_bindable([config.listen, config.admin_listen])  # a busy port: one line, not 5 crashes
         argv = [a for a in (args.argv or []) if a]
         stop_timeout = config.min_drain + config.drain_timeout + 5
         return supervise(config.workers, worker_command(argv), stop_timeout)
@@ -121,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from .app import run
-    from .workers import MULTIPROC_ENV, WORKER_ENV
+    from .workers import MULTIPROC_ENV
 
     worker = WORKER_ENV in os.environ
     coro = run(
@@ -202,6 +208,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
         else:
             print(f"credential {cred.name}: NOT LOADED")
+        _print_wallet(config, cred.name, cred.info)
         if cred.config.policy is not None:
             print(f"  policy: {cred.config.policy.describe()}")
         if cred.config.rate_limit is not None:
@@ -209,12 +216,19 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  rate limit: {limit.rate:g}/s, burst {limit.burst}")
     for up in config.upstreams.values():
         via = "" if up.url == f"https://{up.name}" else f" via {up.url}"
+        if up.tls_server_name is not None:
+            via += f" (TLS name {up.tls_server_name})"
         print(
             f"upstream {up.name}{via}: credential {up.credential or '(none: unsigned)'}, "
             f"timeout {up.timeout:g}s, retries {up.retries}"
         )
-        if up.ca_file is not None and not up.ca_file.is_file():
-            problems.append(f"upstreams.{up.name}.ca_file: {up.ca_file} does not exist")
+        if up.ca_file is not None:
+            from .relay import UpstreamEndpoint
+
+            try:
+                UpstreamEndpoint.build(up)  # loads the CA bundle as serve will
+            except ConfigError as exc:
+                problems.append(exc.message)
     router = Router(config)
     fences = {fence.route: fence for fence in router.fences}
     for route in config.routes:
@@ -239,6 +253,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _print_wallet(config: Config, name: str, info: CredentialInfo | None) -> None:
+    """The Wallet Secret's public fingerprint, and where its X-Wallet-Auth tokens are sent."""
+    cfg = config.credentials[name]
+    hosts = cfg.wallet_rules.hosts()
+    if cfg.wallet_secret is None:
+        signs = {up.name for up in config.upstreams.values() if up.credential == name} | {
+            r.upstream for r in config.routes if r.credential == name
+        }
+        if signs & set(hosts):
+            print(
+                "  no wallet secret: Server Wallet writes through it answer 403 wallet_secret_required"
+            )
+        return
+    if info is not None and info.wallet_fingerprint is not None:
+        print(
+            f"  wallet secret: ES256 fingerprint {info.wallet_fingerprint} ({info.wallet_source})"
+        )
+    used = [
+        f"upstream {up.name} ({len(up.wallet_rules)} operations)"
+        for up in config.upstreams.values()
+        if up.credential == name and up.name in hosts
+    ] + [
+        f"route {r.prefix} -> {r.upstream}"
+        for r in config.routes
+        if (r.credential or config.upstreams[r.upstream].credential) == name and r.upstream in hosts
+    ]
+    print(f"  X-Wallet-Auth on: {', '.join(used) or 'nothing (no wallet_auth upstream uses it)'}")
+
+
 def _check_topper(config: Config) -> list[str]:
     from .credentials import public_fingerprint
     from .topper import load_topper_key, topper_settings
@@ -259,6 +302,7 @@ def _check_topper(config: Config) -> list[str]:
 
 
 def cmd_jwt(args: argparse.Namespace) -> int:
+    from .config import URIS_CLAIM_HOSTS
     from .credentials import load_key_file, parse_private_key, public_fingerprint
     from .signers import CdpJwtSigner, jwt_uri
 
@@ -269,16 +313,50 @@ def cmd_jwt(args: argparse.Namespace) -> int:
             f"cannot find a host in {args.url!r}; give https://HOST/PATH or HOST/PATH"
         )
     path = parts.path or "/"
-    key_name, secret = load_key_file(Path(args.key_file))
-    key = parse_private_key(secret, f"key_file {args.key_file} (privateKey)")
-    token = CdpJwtSigner(key_name, key).token(jwt_uri(args.method, parts.hostname, path))
-    print(f"export JWT={shlex.quote(token)}" if args.export else token)
-    if args.verbose:
+    if args.body is not None and args.wallet_secret_file is None:
+        return _usage("jwt", "--body is hashed into the wallet token: give --wallet-secret-file")
+    if args.key_file is None and args.wallet_secret_file is None:
+        return _usage("jwt", "give --key-file (the API key JWT), --wallet-secret-file, or both")
+    uri = jwt_uri(args.method, parts.hostname, path)
+    lines = []
+    if args.key_file is not None:
+        key_name, secret = load_key_file(Path(args.key_file))
+        key = parse_private_key(secret, f"key_file {args.key_file} (privateKey)")
+        claim = args.uri_claim or ("uris" if parts.hostname in URIS_CLAIM_HOSTS else "uri")
+        token = CdpJwtSigner(key_name, key).token(uri, as_list=claim == "uris")
+        if args.wallet_secret_file is None:  # the bare token, as always
+            print(f"export JWT={shlex.quote(token)}" if args.export else token)
+        else:  # two tokens: labelled, ready for curl -H (or eval)
+            lines.append(
+                f"export JWT={shlex.quote(token)}"
+                if args.export
+                else f"Authorization: Bearer {token}"
+            )
+    if args.wallet_secret_file is not None:
+        wallet = _wallet_token(args, parts.hostname, path)
+        lines.append(
+            f"export WALLET_JWT={shlex.quote(wallet)}"
+            if args.export
+            else f"X-Wallet-Auth: {wallet}"
+        )
+        print("\n".join(lines))
+    if args.verbose and args.key_file is not None:
         print(
             f"# uri: {jwt_uri(args.method, parts.hostname, path)}; fingerprint {public_fingerprint(key)}",
             file=sys.stderr,
         )
     return 0
+
+
+def _wallet_token(args: argparse.Namespace, host: str, path: str) -> str:
+    from .config import SecretSource
+    from .credentials import read_secret
+    from .wallet_auth import WalletSigner, parse_wallet_secret
+
+    source = SecretSource("--wallet-secret-file", "file", args.wallet_secret_file)
+    key = parse_wallet_secret(read_secret(source), f"--wallet-secret-file {source.ref}")
+    body = None if args.body is None else args.body.encode()
+    return WalletSigner(key).token(args.method, host, path, body)
 
 
 def _without_workers(argv: Sequence[str]) -> list[str]:
@@ -298,6 +376,8 @@ def _without_workers(argv: Sequence[str]) -> list[str]:
 def cmd_onramp_url(args: argparse.Namespace) -> int:
     from .onramp import build_offramp_url, build_onramp_url, session_token_for_config
 
+    if args.v2:
+        return _onramp_v2(args)
     if args.offramp:
         if not args.partner_user_id or not args.redirect_url:
             return _usage("onramp-url", "--offramp needs --partner-user-id and --redirect-url")
@@ -328,6 +408,47 @@ def cmd_onramp_url(args: argparse.Namespace) -> int:
         url = build_offramp_url(token, default_cashout_method=args.default_cashout_method, **shown)
     else:
         url = build_onramp_url(token, default_payment_method=args.default_payment_method, **shown)
+    print(url)
+    return 0
+
+
+def _onramp_v2(args: argparse.Namespace) -> int:
+    """onramp-url --v2: one POST /platform/v2/onramp/sessions, which answers the URL itself."""
+    from .onramp_v2 import onramp_session_for_config
+
+    v1_only = {
+        "--offramp": args.offramp,
+        "--default-network": args.default_network,
+        "--default-asset": args.default_asset,
+        "--default-payment-method": args.default_payment_method,
+        "--default-cashout-method": args.default_cashout_method,
+    }
+    for flag, given in v1_only.items():
+        if given:
+            return _usage("onramp-url", f"{flag} is not an Onramp v2 session option")
+    if len(args.blockchains) != 1 or len(args.assets) != 1:
+        return _usage(
+            "onramp-url", "--v2 takes one network (--blockchains) and one asset (--assets)"
+        )
+    config = _config(args)
+    import asyncio
+
+    try:
+        url = asyncio.run(
+            onramp_session_for_config(
+                config,
+                destination_address=args.address,
+                destination_network=args.blockchains[0],
+                purchase_currency=args.assets[0],
+                payment_amount=args.preset_fiat_amount,
+                payment_currency=args.fiat_currency,
+                client_ip=args.client_ip,
+                partner_user_ref=args.partner_user_id,
+                redirect_url=args.redirect_url,
+            )
+        )
+    except ValueError as exc:
+        return _usage("onramp-url", str(exc))
     print(url)
     return 0
 
@@ -457,8 +578,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a bare JWT for METHOD URL (valid 120 s, one request). The query string is "
         "not part of the signed uri.",
     )
-    p.add_argument("--key-file", required=True, help="CDP key JSON as downloaded from the portal")
-    p.add_argument("--export", action="store_true", help="print `export JWT=<token>` for eval")
+    p.add_argument("--key-file", help="CDP key JSON as downloaded from the portal")
+    p.add_argument(
+        "--export",
+        action="store_true",
+        help="print `export JWT=<token>` for eval (and WALLET_JWT with --wallet-secret-file)",
+    )
+    p.add_argument(
+        "--uri-claim", choices=["uri", "uris"],
+        help="claim form (default: uris for api.cdp.coinbase.com and api.developer.coinbase.com, "
+        "as cdp-sdk signs; uri elsewhere)",
+    )  # fmt: skip
+    p.add_argument(
+        "--wallet-secret-file", metavar="PATH",
+        help="CDP v2 Wallet Secret: also print an X-Wallet-Auth token (prints both as headers)",
+    )  # fmt: skip
+    p.add_argument(
+        "--body", metavar="JSON",
+        help="the exact JSON body you will send; its hash goes into the wallet token",
+    )  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="print the signed uri to stderr")
     p.add_argument("method", metavar="METHOD", type=str.upper, help="HTTP method, e.g. GET")
     p.add_argument("url", metavar="URL", help="https://host/path?query or host/path")
@@ -487,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--default-payment-method", metavar="M", help="onramp: e.g. CARD, ACH_BANK_ACCOUNT"
     )
+    p.add_argument("--v2", action="store_true",
+                   help="Onramp v2: create a session with POST /platform/v2/onramp/sessions through "
+                   "the api.cdp.coinbase.com upstream and print the URL it returns")  # fmt: skip
     p.add_argument("--offramp", action="store_true",
                    help="print an Offramp (sell) URL; needs --partner-user-id and --redirect-url")  # fmt: skip
     p.add_argument("--partner-user-id", metavar="ID",

@@ -11,8 +11,9 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ import yaml
 from .errors import ConfigError
 from .policy import Policy, PolicyError
 from .ratelimit import RateLimit
+from .wallet_rules import CDP_HOST, WalletRule, WalletRuleError, WalletRules
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -40,6 +42,9 @@ DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 DEFAULT_UPSTREAM_TIMEOUT: Final = 30.0
 DEFAULT_HEADER_TIMEOUT: Final = 60.0
 DEFAULT_MAX_HEADER_BYTES: Final = 32 * 1024
+# Hosts whose official SDK (cdp-sdk) signs `uris: [...]`; coinbase-advanced-py signs `uri` for the
+# others (docs/coinbase-auth.md, "The uri claim").
+URIS_CLAIM_HOSTS: Final = frozenset({CDP_HOST, "api.developer.coinbase.com"})
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,17 @@ class CredentialConfig:
     passphrase: SecretSource | None = None  # Exchange, Prime, INTX
     policy: Policy | None = None  # what requests this credential may sign
     rate_limit: RateLimit | None = None
+    wallet_secret: SecretSource | None = None  # CDP v2 Server Wallets (X-Wallet-Auth)
+    # Derived from the upstreams at load, for the CDP signer: hosts signed with the `uris` claim
+    # form, and which requests get a wallet token.
+    uris_hosts: frozenset[str] = frozenset()
+    wallet_rules: WalletRules = field(default_factory=WalletRules)
 
     def files(self) -> tuple[Path, ...]:
         """Files this credential is read from (watched for rotation)."""
         found = [self.key_file] if self.key_file else []
         sources = (self.key_name, self.private_key, self.api_key, self.api_secret, self.passphrase)
-        for src in sources:
+        for src in (*sources, self.wallet_secret):
             if src is not None and src.kind == "file":
                 found.append(Path(src.ref))
         return tuple(found)
@@ -94,6 +104,11 @@ class UpstreamConfig:
     timeout: float
     retries: int = 1  # re-signed retries of requests that failed before reaching the upstream
     websocket: bool = False  # WebSocket upgrades are relayed here (wss:// url, or websocket: true)
+    # The name the upstream's certificate is verified against (and sent as SNI) when url: points
+    # at an IP or a gateway; None: url:'s own host.
+    tls_server_name: str | None = None
+    jwt_uri_claim: Literal["uri", "uris"] = "uri"  # the CDP JWT's claim form for this host
+    wallet_rules: tuple[WalletRule, ...] = ()  # requests that get X-Wallet-Auth
 
 
 @dataclass(frozen=True)
@@ -183,7 +198,11 @@ _CDP_KEYS: Final = {
     "key_file",
     "policy",
     "rate_limit",
-    *(f"{b}{s}" for b in ("key_name", "private_key") for s in ("", "_env", "_file")),
+    *(
+        f"{b}{s}"
+        for b in ("key_name", "private_key", "wallet_secret")
+        for s in ("", "_env", "_file")
+    ),
 }
 _HMAC_KEYS: Final = {
     "type",
@@ -191,7 +210,20 @@ _HMAC_KEYS: Final = {
     "rate_limit",
     *(f"{b}{s}" for b in ("api_key", "api_secret") for s in ("", "_env", "_file")),
 }
-_UPSTREAM_KEYS: Final = {"credential", "url", "ca_file", "timeout", "retries", "websocket"}
+_HOST_NAME: Final = re.compile(
+    r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+_UPSTREAM_KEYS: Final = {
+    "credential",
+    "url",
+    "ca_file",
+    "timeout",
+    "retries",
+    "tls_server_name",
+    "websocket",
+    "jwt_uri_claim",
+    "wallet_auth",
+}
 # Coinbase's WebSocket-only hosts: upgrades are relayed to them without a wss:// url or a flag.
 WEBSOCKET_HOSTS: Final = frozenset(
     {
@@ -357,6 +389,7 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
     r.known(data, _CDP_KEYS, where)
     key_name = r.secret(data, "key_name", where)
     private_key = r.secret(data, "private_key", where)
+    wallet_secret = r.secret(data, "wallet_secret", where)
     if "key_file" in data:
         if key_name or private_key:
             raise r.fail(where, "give key_file, or key_name + private_key, not both")
@@ -366,6 +399,7 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
             key_file=r.file_path(data["key_file"], f"{where}.key_file"),
             policy=policy,
             rate_limit=rate_limit,
+            wallet_secret=wallet_secret,
         )
     if key_name is None or private_key is None:
         raise r.fail(
@@ -380,6 +414,7 @@ def _credential(r: _Reader, name: str, raw: Any) -> CredentialConfig:
         private_key=private_key,
         policy=policy,
         rate_limit=rate_limit,
+        wallet_secret=wallet_secret,
     )
 
 
@@ -414,14 +449,48 @@ def _upstream(
                 f"{where}.url",
                 "give only scheme, host and port; the request path comes from the client",
             )
+        try:
+            port = parts.port
+        except ValueError:  # urlsplit: not a number, or outside 0-65535
+            port = 0
+        if port == 0 and ":" in parts.netloc.rsplit("]", 1)[-1]:
+            raise r.fail(f"{where}.url", f"the port in {text!r} must be a number from 1 to 65535")
         url = f"{parts.scheme}://{parts.netloc}"
+    tls_server_name = None
+    if data.get("tls_server_name") is not None:
+        tls_server_name = r.string(data["tls_server_name"], f"{where}.tls_server_name").lower()
+        if not _HOST_NAME.fullmatch(tls_server_name):
+            raise r.fail(
+                f"{where}.tls_server_name",
+                f"expected a host name such as {host} (no scheme, port or path)",
+            )
     ca_file = r.file_path(data["ca_file"], f"{where}.ca_file") if data.get("ca_file") else None
     timeout = r.number(data.get("timeout", DEFAULT_UPSTREAM_TIMEOUT), f"{where}.timeout")
     retries = r.count(data.get("retries", 1), f"{where}.retries")
     websocket = data.get("websocket", url.startswith("wss://") or host in WEBSOCKET_HOSTS)
     if not isinstance(websocket, bool):
         raise r.fail(f"{where}.websocket", "expected true or false")
-    return UpstreamConfig(host, credential, url, ca_file, timeout, retries, websocket)
+    claim = data.get("jwt_uri_claim", "uris" if host in URIS_CLAIM_HOSTS else "uri")
+    if claim not in ("uri", "uris"):
+        raise r.fail(f"{where}.jwt_uri_claim", "expected uri or uris")
+    wallet_rules = WalletRules.defaults(host) + _wallet_paths(r, data, where)
+    return UpstreamConfig(
+        host, credential, url, ca_file, timeout, retries, websocket,
+        tls_server_name=tls_server_name, jwt_uri_claim=claim, wallet_rules=wallet_rules,
+    )  # fmt: skip
+
+
+def _wallet_paths(r: _Reader, data: Mapping[str, Any], where: str) -> tuple[WalletRule, ...]:
+    """``wallet_auth: {paths: [...]}``: more requests that need an X-Wallet-Auth token."""
+    section = r.mapping(data.get("wallet_auth"), f"{where}.wallet_auth")
+    r.known(section, {"paths"}, f"{where}.wallet_auth")
+    paths = section.get("paths") or []
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise r.fail(f"{where}.wallet_auth.paths", 'expected a list like ["POST /platform/v2/..."]')
+    try:
+        return tuple(WalletRule.parse(p) for p in paths)
+    except WalletRuleError as exc:
+        raise r.fail(f"{where}.wallet_auth.paths", str(exc)) from None
 
 
 def _route(
@@ -494,6 +563,13 @@ def parse_config(
         upstreams[up.name] = up
     if not upstreams:
         raise r.fail("upstreams", "configure at least one upstream host, e.g. api.coinbase.com")
+
+    # What the CDP signer must know of the upstreams: the claim form and the wallet rules per host.
+    uris_hosts = frozenset(up.name for up in upstreams.values() if up.jwt_uri_claim == "uris")
+    rules = WalletRules({up.name: up.wallet_rules for up in upstreams.values() if up.wallet_rules})
+    for name, cred in credentials.items():
+        if cred.type == "cdp":
+            credentials[name] = replace(cred, uris_hosts=uris_hosts, wallet_rules=rules)
 
     raw_routes = data.get("routes") or []
     if not isinstance(raw_routes, list):
@@ -581,6 +657,8 @@ def load_config(
         raise ConfigError(f"{file}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read config file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not a config file (not UTF-8 text)") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -1,6 +1,6 @@
 """Key material: read it (file, env var, inline), parse it once, build signers, describe them safely.
 
-Accepted formats are listed in COINBASE_AUTH.md §1: CDP key JSON, EC P-256 PEM (SEC1 or PKCS8),
+Accepted formats are listed in docs/coinbase-auth.md ("Key formats"): CDP key JSON, EC P-256 PEM (SEC1 or PKCS8),
 Ed25519 as base64 of 64 bytes (seed + public) or of the 32-byte seed, or Ed25519 PKCS8 PEM.
 Pasted keys often carry literal ``\\n`` instead of newlines; they are repaired.
 
@@ -36,6 +36,7 @@ from .config import CredentialConfig, SecretSource
 from .errors import CredentialError
 from .hmac_signers import VENUE_SIGNERS, KeyMaterialError, VenueSigner
 from .signers import CdpJwtSigner, Clock, HmacSigner, PrivateKey, Signer
+from .wallet_auth import WalletAuth, WalletSigner, parse_wallet_secret
 
 __all__ = [
     "Credential",
@@ -223,6 +224,8 @@ class CredentialInfo:
     key_id: str  # CDP key name, or the HMAC API key (an identifier, not the secret)
     fingerprint: str
     source: str
+    wallet_fingerprint: str | None = None  # the Wallet Secret's public key, when there is one
+    wallet_source: str | None = None
 
 
 class Credential:
@@ -295,10 +298,19 @@ class Credential:
             secret = read_secret(cfg.private_key)
             source = cfg.private_key.describe()
         key = parse_private_key(secret, source)
-        signer = CdpJwtSigner(key_name, key, **kwargs)
+        wallet_key = wallet_source = None
+        if cfg.wallet_secret is not None:
+            wallet_source = cfg.wallet_secret.describe()
+            wallet_key = parse_wallet_secret(read_secret(cfg.wallet_secret), wallet_source)
+        wallet = None
+        if cfg.wallet_rules.hosts():  # the credential may sign Server Wallet operations
+            wallet_signer = WalletSigner(wallet_key, **kwargs) if wallet_key else None
+            wallet = WalletAuth(cfg.wallet_rules, wallet_signer, self.name)
+        signer = CdpJwtSigner(key_name, key, uris_hosts=cfg.uris_hosts, wallet=wallet, **kwargs)
         return signer, CredentialInfo(
-            self.name, signer.scheme, key_name, public_fingerprint(key), source
-        )
+            self.name, signer.scheme, key_name, public_fingerprint(key), source,
+            public_fingerprint(wallet_key) if wallet_key else None, wallet_source,
+        )  # fmt: skip
 
     def _build_venue(
         self, kind: type[VenueSigner], kwargs: dict[str, Clock]

@@ -1,7 +1,7 @@
 """What upstream answers say about our signing: clock skew (from ``Date``) and 401s.
 
 Both are the classic causes of "my key does not work": a JWT's ``nbf``/``exp`` follow the local
-clock, so a skewed clock gives 401s that look like key errors (COINBASE_AUTH.md §6). The operator
+clock, so a skewed clock gives 401s that look like key errors (docs/coinbase-auth.md, "Clock skew and 401s"). The operator
 gets a gauge and one warning for skew, and one log line per credential per minute for 401s saying
 what was signed (credential, algorithm, ``uri``, ``kid``), never the token.
 """

@@ -71,6 +71,9 @@ class HmacSigner:
         self._mac = hmac.new(api_secret.encode(), digestmod=hashlib.sha256)
         self._clock = clock
 
+    def needs_body(self, method: str, host: str, path: str) -> bool:
+        return self.requires_body  # every request: the HMAC covers the body
+
     def sign(
         self, method: str, host: str, path: str, query: str, body: bytes | None
     ) -> dict[str, str]:
@@ -161,6 +164,9 @@ class VenueSigner:
 
     def request_path(self, path: str, query: str) -> str:
         return f"{path}?{query}" if self.signs_query and query else path
+
+    def needs_body(self, method: str, host: str, path: str) -> bool:
+        return self.requires_body  # every request: the HMAC covers the body
 
     def signature(self, timestamp: str, method: str, request_path: str, body: bytes | None) -> str:
         mac = self._mac.copy()

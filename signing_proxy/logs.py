@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -33,9 +34,15 @@ def text_value(value: Any) -> str:
     return text if _TEXT_SAFE.fullmatch(text) else json.dumps(text)
 
 
+# With --workers N: {"worker": index, "pid": pid} on every line, so lines can be told apart.
+_PROCESS: dict[str, Any] = {}
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
-    return fields if isinstance(fields, dict) else {}
+    if not _PROCESS:
+        return fields if isinstance(fields, dict) else {}
+    return {**_PROCESS, **fields} if isinstance(fields, dict) else dict(_PROCESS)
 
 
 class JsonFormatter(logging.Formatter):
@@ -71,7 +78,13 @@ class TextFormatter(logging.Formatter):
         return f"({ei[0].__name__})" if ei and ei[0] else ""
 
 
-def setup_logging(fmt: Literal["json", "text"] = "json", level: str = "INFO") -> None:
+def setup_logging(
+    fmt: Literal["json", "text"] = "json", level: str = "INFO", *, worker: str | None = None
+) -> None:
+    """``worker``: this process's index under ``--workers``; its lines then name it and the pid."""
+    _PROCESS.clear()
+    if worker is not None:
+        _PROCESS.update(worker=int(worker) if worker.isdigit() else worker, pid=os.getpid())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -98,6 +111,11 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
         self._pending: list[str] = []
+        # The worker id and pid (--workers), fixed for the process: rendered once, here.
+        self._process_json = "".join(
+            f", {json.dumps(k)}: {json.dumps(v)}" for k, v in _PROCESS.items()
+        )
+        self._process_text = "".join(f"{k}={v} " for k, v in _PROCESS.items())
         self._timer: asyncio.TimerHandle | None = None
 
     def _timestamp(self, now: float) -> str:
@@ -110,12 +128,16 @@ class AccessLog:
     def __call__(self, fields: dict[str, Any]) -> None:
         now = time.time()
         if self._json:
-            head = f'{{"ts": "{self._timestamp(now)}", "level": "info", "logger": "{ACCESS_LOGGER}", "msg": "request"'
+            head = f'{{"ts": "{self._timestamp(now)}", "level": "info", "logger": "{ACCESS_LOGGER}", "msg": "request"{self._process_json}'
             line = head + (", " + json.dumps(fields, default=str)[1:] if fields else "}")
         else:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
             stamp += f",{int((now % 1) * 1000):03d} INFO    {ACCESS_LOGGER}: request "
-            line = stamp + " ".join(f"{k}={text_value(v)}" for k, v in fields.items())
+            line = (
+                stamp
+                + self._process_text
+                + " ".join(f"{k}={text_value(v)}" for k, v in fields.items())
+            )
         self._pending.append(line)
         if len(self._pending) >= self.FLUSH_LINES:
             self.flush()

@@ -135,6 +135,12 @@ class ProxyMetrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
+        self.wallet_tokens = Counter(
+            f"{ns}_wallet_tokens_minted_total",
+            "CDP v2 X-Wallet-Auth tokens minted (Server Wallet operations), by credential",
+            ["credential"],
+            registry=registry,
+        )
         self.retries = Counter(
             f"{ns}_retries_total",
             "Requests sent again, freshly signed, after failing before reaching the upstream",
@@ -164,6 +170,12 @@ class ProxyMetrics:
             f"{ns}_rate_limited_total",
             "Requests answered 429 by the proxy's own per-credential rate limit",
             ["credential"],
+            registry=registry,
+        )
+        self.malformed_requests = Counter(
+            f"{ns}_malformed_requests_total",
+            "Requests aiohttp's HTTP parser refused with 400 before the proxy saw them, by kind",
+            ["kind"],
             registry=registry,
         )
 

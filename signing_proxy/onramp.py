@@ -1,6 +1,6 @@
 """Coinbase Onramp / Offramp: a session token through the configured upstream, then the pay URL.
 
-The token comes from ``POST api.developer.coinbase.com/onramp/v1/token`` (COINBASE_AUTH.md §4),
+The token comes from ``POST api.developer.coinbase.com/onramp/v1/token`` (docs/coinbase-auth.md, "Onramp and Offramp"),
 signed by that upstream's credential and sent where its ``url``, ``ca_file`` and ``timeout`` say,
 exactly like a request through the proxy. It is single-use and expires after 5 minutes; the URL
 builders put it, with the display options, into a pay.coinbase.com URL.
@@ -131,7 +131,7 @@ def build_offramp_url(
 
 
 def _partner_user(value: str | None) -> dict[str, str | None]:
-    # COINBASE_AUTH.md §4 names it partnerUserId; Coinbase's current URL reference calls the same
+    # The Onramp docs name it partnerUserId; Coinbase's current URL reference calls the same
     # value partnerUserRef. Both are sent, so the URL works with either reading.
     return {"partnerUserId": value, "partnerUserRef": value}
 
@@ -199,6 +199,7 @@ async def request_session_token(
             data=body,
             headers=headers,
             ssl=endpoint.ssl,
+            server_hostname=endpoint.server_hostname,
             timeout=endpoint.timeout,
             allow_redirects=False,
         ) as response:

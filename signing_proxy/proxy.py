@@ -250,7 +250,7 @@ class ProxyHandler:
             self._check_framing(request)
             self._check_inbound_auth(request)
             if self.topper is not None and self.topper.handles(request):
-                # Minted here, not routed: the answer is the token (COINBASE_AUTH.md §5).
+                # Minted here, not routed: the answer is the token (docs/coinbase-auth.md, "Topper bootstrap tokens").
                 local_route, credential = BOOTSTRAP_PATH, CREDENTIAL_LABEL
                 self._check_rate(CREDENTIAL_LABEL, self._topper_bucket)
                 await _send_continue(request)
@@ -292,6 +292,8 @@ class ProxyHandler:
                         self.metrics.count_signature(
                             credential, signer.scheme, ex.sign_seconds, 1 + ex.retries
                         )
+                        if ex.wallet_tokens:
+                            self.metrics.wallet_tokens.labels(credential).inc(ex.wallet_tokens)
                 self.metrics.observe_upstream(target.upstream.name, ex.upstream_seconds)
         except ProxyError as exc:
             ex.status, ex.error = exc.status, exc.code

@@ -29,10 +29,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import UpstreamConfig
-from .errors import RequestRejected, UpstreamError
+from .errors import ConfigError, RequestRejected, UpstreamError
 from .routing import Target
 from .signers import Signer
 from .upstream_pool import Response, StaleConnection, UpstreamFailure, UpstreamPool
+from .wallet_auth import WALLET_HEADER
 
 __all__ = [
     "END_TO_END",
@@ -124,6 +125,12 @@ def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
+def _ssl_reason(exc: BaseException) -> str:
+    """OpenSSL's short reason (e.g. WRONG_VERSION_NUMBER), or the exception's type."""
+    reason = getattr(exc, "reason", None)
+    return str(reason) if reason else type(exc).__name__
+
+
 def translate_client_error(exc: BaseException, upstream: str, timeout: float) -> UpstreamError:
     """Map aiohttp/asyncio failures to stable codes. Order matters: subclasses first."""
     if isinstance(exc, TimeoutError):  # includes aiohttp.ServerTimeoutError
@@ -133,12 +140,22 @@ def translate_client_error(exc: BaseException, upstream: str, timeout: float) ->
             status=504,
         )
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        # The reason (hostname mismatch, unknown CA, expired) and the address are not secret,
+        # and without them a user pointing url: at a gateway or an IP cannot tell what is wrong.
+        cert_error = exc.certificate_error
+        reason = getattr(cert_error, "verify_message", None) or _ssl_reason(cert_error)
         return UpstreamError(
-            f"TLS certificate of {upstream} could not be verified; check the upstream's url/ca_file",
+            f"TLS certificate of {upstream} could not be verified at {exc.host}:{exc.port} "
+            f"({reason}); check the upstream's url, ca_file and tls_server_name",
             code="upstream_tls_error",
         )
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
-        return UpstreamError(f"TLS handshake with {upstream} failed", code="upstream_tls_error")
+        at = f" at {exc.host}:{exc.port}" if isinstance(exc, aiohttp.ClientConnectorError) else ""
+        cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+        return UpstreamError(
+            f"TLS handshake with {upstream}{at} failed ({_ssl_reason(cause)})",
+            code="upstream_tls_error",
+        )
     if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
         exc.os_error, ConnectionResetError
     ):
@@ -177,15 +194,25 @@ class UpstreamEndpoint:
     origin: str  # scheme://host[:port] to connect to (http(s) form for REST)
     ssl: ssl.SSLContext | bool
     timeout: aiohttp.ClientTimeout
+    server_hostname: str | None = None  # tls_server_name: SNI and the name verified
 
     @classmethod
     def build(cls, config: UpstreamConfig) -> UpstreamEndpoint:
         context: ssl.SSLContext | bool = True
         if config.ca_file is not None:
             context = ssl.create_default_context()
-            context.load_verify_locations(cafile=str(config.ca_file))
+            try:
+                context.load_verify_locations(cafile=str(config.ca_file))
+            except (OSError, ssl.SSLError) as exc:  # missing, a directory, not PEM certificates
+                reason = "no PEM certificate in it"
+                if not isinstance(exc, ssl.SSLError):
+                    reason = exc.strerror or type(exc).__name__
+                raise ConfigError(
+                    f"upstreams.{config.name}.ca_file: cannot use {config.ca_file} ({reason})"
+                ) from None
         origin = config.url.replace("wss://", "https://", 1)
-        return cls(config, origin, context, aiohttp.ClientTimeout(total=config.timeout))
+        timeout = aiohttp.ClientTimeout(total=config.timeout)
+        return cls(config, origin, context, timeout, config.tls_server_name)
 
 
 @dataclass(slots=True)
@@ -200,6 +227,7 @@ class Exchange:
     error: str | None = None
     retries: int = 0
     upstream_date: str | None = None  # the upstream's Date header, for the clock skew gauge
+    wallet_tokens: int = 0  # X-Wallet-Auth tokens minted (one per attempt)
 
 
 def create_session() -> aiohttp.ClientSession:
@@ -255,7 +283,7 @@ async def read_capped_body(
     cap: int,
     *,
     limit: str = "max_body_bytes",
-    why: str = "HMAC signing must read the whole body",
+    why: str = "signing must read the whole body",
 ) -> bytes:
     """The whole request body, refused with 413 above ``cap`` bytes (read no further than that)."""
     declared = request.content_length
@@ -292,7 +320,13 @@ def _pool(endpoint: UpstreamEndpoint) -> UpstreamPool:
     url = URL(endpoint.origin)
     context = endpoint.ssl if isinstance(endpoint.ssl, ssl.SSLContext) else _default_tls()
     host = endpoint.config.name
-    return UpstreamPool(url.raw_host or host, url.port or 443, context, url.raw_host, name=host)
+    return UpstreamPool(
+        url.raw_host or host,
+        url.port or 443,
+        context,
+        endpoint.server_hostname or url.raw_host,
+        name=host,
+    )
 
 
 def _default_tls() -> ssl.SSLContext:
@@ -388,6 +422,7 @@ class Relay:
                 wire = base + [
                     (k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.items()
                 ]
+                ex.wallet_tokens += WALLET_HEADER in signed
                 ex.sign_seconds += time.perf_counter() - s0
             data: bytes | AsyncIterator[bytes] | None = body
             if stream is not None:
@@ -441,7 +476,7 @@ class Relay:
 
         body: bytes | None = None
         stream: _BodyStream | None = None
-        if signer is not None and signer.requires_body:
+        if signer is not None and signer.needs_body(request.method, host, target.path):
             body = await self._read_body(request, timeout)
             if not body and not request.body_exists:
                 body = None

@@ -1,10 +1,12 @@
 """Request signers: one small class per Coinbase auth scheme. No I/O, no aiohttp.
 
 Each signer is built once from parsed key objects (credentials.py does the parsing) and then
-called per request. ``requires_body`` tells the relay whether it must read the request body
-before signing (HMAC covers the body) or may stream it (JWT does not).
+called per request. ``needs_body(method, host, path)`` tells the relay whether it must read the
+request body before signing this request (HMAC covers every body; a CDP key with a Wallet Secret
+covers the body of Server Wallet writes) or may stream it; ``requires_body`` is the per-class
+default.
 
-The rules implemented here are pinned down in COINBASE_AUTH.md §1 (CDP JWT). The HMAC family
+The rules implemented here are pinned down in docs/coinbase-auth.md ("CDP API keys: JWT for REST"). The HMAC family
 (legacy keys, Exchange, Prime, INTX) lives in hmac_signers.py; its names are re-exported here.
 """
 
@@ -15,13 +17,16 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from typing import ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from .hmac_signers import HmacSigner, hmac_request_path
+
+if TYPE_CHECKING:
+    from .wallet_auth import WalletAuth
 
 __all__ = [
     "JWT_LIFETIME",
@@ -50,6 +55,10 @@ class Signer(Protocol):
     # "ES256", "EdDSA", "HMAC", "EXCHANGE", "PRIME" or "INTX": in metrics and `check` output
     scheme: str
 
+    def needs_body(self, method: str, host: str, path: str) -> bool:
+        """Must the relay read this request's body (capped) and pass it to ``sign``?"""
+        ...
+
     def sign(
         self, method: str, host: str, path: str, query: str, body: bytes | None
     ) -> dict[str, str]:
@@ -66,7 +75,7 @@ class Signer(Protocol):
 
 
 def jwt_uri(method: str, host: str, path: str) -> str:
-    """The JWT ``uri`` claim: method, host and path; no scheme, port or query (COINBASE_AUTH.md §1)."""
+    """The JWT ``uri`` claim: method, host and path; no scheme, port or query (docs/coinbase-auth.md)."""
     return f"{method.upper()} {host}{path}"
 
 
@@ -88,10 +97,20 @@ class CdpJwtSigner:
     """
 
     requires_body: ClassVar[bool] = False
-    # Advanced Trade WebSocket: a fresh jwt in every (un)subscribe message (COINBASE_AUTH.md §2).
+    # Advanced Trade WebSocket: a fresh jwt in every (un)subscribe message (docs/coinbase-auth.md, "Advanced Trade WebSocket").
     websocket_messages: ClassVar[frozenset[str]] = frozenset({"subscribe", "unsubscribe"})
 
-    def __init__(self, key_name: str, private_key: PrivateKey, *, clock: Clock = time.time):
+    def __init__(
+        self,
+        key_name: str,
+        private_key: PrivateKey,
+        *,
+        clock: Clock = time.time,
+        uris_hosts: frozenset[str] = frozenset(),
+        wallet: WalletAuth | None = None,
+    ):
+        """``uris_hosts``: hosts signed with ``uris: [uri]`` instead of ``uri``; ``wallet``: the
+        X-Wallet-Auth side of a CDP v2 credential (wallet_auth.py)."""
         if isinstance(private_key, ec.EllipticCurvePrivateKey):
             if not isinstance(private_key.curve, ec.SECP256R1):
                 raise ValueError("ES256 needs a P-256 key")
@@ -110,26 +129,44 @@ class CdpJwtSigner:
             raise TypeError(f"unsupported key type {type(private_key).__name__}")
         self.key_name = key_name
         self._clock = clock
+        self._uris_hosts = uris_hosts
+        self.wallet = wallet
         kid = _json_string(key_name)
         # Everything but the nonce is constant: header = prefix + nonce + suffix.
         self._header_prefix = f'{{"alg":"{self.scheme}","kid":{kid},"nonce":"'
         self._header_suffix = '","typ":"JWT"}'
         self._claims_prefix = f'{{"sub":{kid},"iss":"{_ISSUER}","nbf":'
 
-    def token(self, uri: str | None) -> str:
-        """A signed JWT; ``uri=None`` gives the WebSocket form, which has no ``uri`` claim."""
+    def token(self, uri: str | None, *, as_list: bool = False) -> str:
+        """A signed JWT; ``uri=None`` gives the WebSocket form, which has no ``uri`` claim.
+        ``as_list``: the cdp-sdk form, ``"uris": [uri]``."""
         now = int(self._clock())
         header = f"{self._header_prefix}{secrets.token_hex()}{self._header_suffix}"
         claims = f'{self._claims_prefix}{now},"exp":{now + JWT_LIFETIME}'
-        claims += "}" if uri is None else f',"uri":{_json_string(uri)}}}'
+        if uri is None:
+            claims += "}"
+        elif as_list:
+            claims += f',"uris":[{_json_string(uri)}]}}'
+        else:
+            claims += f',"uri":{_json_string(uri)}}}'
         signing_input = _b64url(header.encode()) + b"." + _b64url(claims.encode())
         return (signing_input + b"." + _b64url(self._sign(signing_input))).decode()
 
     def sign(
         self, method: str, host: str, path: str, query: str, body: bytes | None
     ) -> dict[str, str]:
+        # The wallet side first: a refusal (no Wallet Secret, a body that cannot be hashed)
+        # happens before any token is minted.
+        wallet = self.wallet.headers(method, host, path, body) if self.wallet else None
         # The query never enters the uri: a query in `uri` is a classic 401 cause.
-        return {"Authorization": f"Bearer {self.token(jwt_uri(method, host, path))}"}
+        token = self.token(jwt_uri(method, host, path), as_list=host in self._uris_hosts)
+        signed = {"Authorization": f"Bearer {token}"}
+        if wallet:
+            signed.update(wallet)
+        return signed
+
+    def needs_body(self, method: str, host: str, path: str) -> bool:
+        return self.wallet is not None and self.wallet.needs_body(method, host, path)
 
     def describe(self, method: str, host: str, path: str, query: str) -> str:
         return jwt_uri(method, host, path)

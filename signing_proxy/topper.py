@@ -1,4 +1,4 @@
-"""Topper bootstrap tokens: the ES256 JWT that starts a Topper session (COINBASE_AUTH.md §5).
+"""Topper bootstrap tokens: the ES256 JWT that starts a Topper session (docs/coinbase-auth.md, "Topper bootstrap tokens").
 
 The ``topper:`` config block names the private key (a JWK as ``signing-proxy keygen`` prints it,
 or a PEM), the key id Topper issued for its public half, and the widget (flow) id. A flow config

@@ -3,7 +3,7 @@
 An upgrade on a route is relayed to the route's upstream over TLS (its ``url`` and ``ca_file``;
 the upstream sees its own name as Host). When the route has a CDP credential, every client→upstream
 JSON text message whose ``type`` is ``subscribe`` or ``unsubscribe`` gets a fresh ``jwt``: the REST
-header and claims without ``uri`` (COINBASE_AUTH.md §2), replacing any jwt the client sent.
+header and claims without ``uri`` (docs/coinbase-auth.md, "Advanced Trade WebSocket"), replacing any jwt the client sent.
 Other signers declare their own WebSocket form (``Signer.websocket_messages`` and
 ``websocket_auth``): an Exchange key puts key, passphrase, timestamp and signature into each
 ``subscribe``; signers without one are refused at the upgrade.
@@ -404,7 +404,7 @@ class WebSocketRelay:
                 "the proxy is shutting down; reconnect", code="shutting_down", status=503
             )
         if signer is not None and not signer.websocket_messages:
-            # Advanced Trade channels take CDP key JWTs (COINBASE_AUTH §2), the Exchange feed an
+            # Advanced Trade channels take CDP key JWTs (docs/coinbase-auth.md), the Exchange feed an
             # Exchange key; other signers have no WebSocket form.
             raise RequestRejected(
                 f"credential '{target.credential}' is a {signer.scheme} key, which cannot sign "
@@ -479,6 +479,7 @@ class WebSocketRelay:
                     headers=headers,
                     protocols=protocols,
                     ssl=endpoint.ssl,
+                    server_hostname=endpoint.server_hostname,
                     autoclose=False,
                     autoping=False,
                     max_msg_size=MAX_MESSAGE_BYTES,

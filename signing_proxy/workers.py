@@ -11,10 +11,12 @@ The supervisor imports nothing heavy: it is a process manager, not a proxy.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +25,10 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Final
 
-__all__ = ["WORKER_ENV", "supervise"]
+from .config import ListenAddress
+from .errors import ConfigError
+
+__all__ = ["WORKER_ENV", "check_bindable", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,23 @@ def _mark_dead(pid: int, directory: str) -> None:
     from prometheus_client.multiprocess import mark_process_dead
 
     mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+def check_bindable(addresses: Sequence[ListenAddress]) -> None:
+    """ConfigError naming the field unless each address can be bound now (workers would not)."""
+    for field, address in zip(("listen", "admin_listen"), addresses, strict=False):
+        if address.port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does
+                sock.bind((address.host, address.port))
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                reason += "; is another signing-proxy running?"
+            raise ConfigError(f"{field}: cannot listen on {address} ({reason})") from None
 
 
 def supervise(workers: int, worker_argv: Sequence[str], stop_timeout: float) -> int:

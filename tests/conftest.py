@@ -19,6 +19,7 @@ from signing_proxy.app import ProxyServer
 from signing_proxy.config import parse_config
 
 from .upstream import VerifyingUpstream
+from .wallet_upstream import WalletVerifier
 
 EC_KEY_NAME = "organizations/0f6c7b5e-org/apiKeys/3d2f0f2a-ec-key"
 ED_KEY_NAME = "9b1b2d4e-5f60-4a71-8c92-a3b4c5d6e7f8"
@@ -95,15 +96,34 @@ def ed_key_file(secrets_dir: Path, ed_key: ed25519.Ed25519PrivateKey) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def wallet_key() -> ec.EllipticCurvePrivateKey:
+    """The CDP v2 Wallet Secret's key (the portal gives it as base64 DER PKCS#8)."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def wallet_secret(key: ec.EllipticCurvePrivateKey) -> str:
+    der = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return base64.b64encode(der).decode()
+
+
 @pytest.fixture
 async def upstream(
-    ca: trustme.CA, ec_key: ec.EllipticCurvePrivateKey, ed_key: ed25519.Ed25519PrivateKey
+    ca: trustme.CA,
+    ec_key: ec.EllipticCurvePrivateKey,
+    ed_key: ed25519.Ed25519PrivateKey,
+    wallet_key: ec.EllipticCurvePrivateKey,
 ) -> AsyncIterator[VerifyingUpstream]:
     server = VerifyingUpstream(
         ca,
         keys={EC_KEY_NAME: ec_key.public_key(), ED_KEY_NAME: ed_key.public_key()},
         hmac_secrets={HMAC_KEY: HMAC_SECRET},
         anonymous_hosts=frozenset({PUBLIC_HOST}),
+        wallet=WalletVerifier([wallet_key.public_key()]),
     )
     await server.start()
     yield server

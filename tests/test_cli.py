@@ -65,7 +65,8 @@ def test_jwt_export_form(ec_key_file: Path, ec_key: ec.EllipticCurvePrivateKey) 
     line = result.stdout.strip()
     assert line.startswith("export JWT=")
     claims = jwt.decode(line.removeprefix("export JWT="), ec_key.public_key(), algorithms=["ES256"])
-    assert claims["uri"] == "POST api.developer.coinbase.com/onramp/v1/token"
+    assert claims["uris"] == ["POST api.developer.coinbase.com/onramp/v1/token"]  # cdp-sdk form
+    assert "uri" not in claims
 
 
 def test_jwt_bad_key_file_is_clear(tmp_path: Path) -> None:
@@ -118,13 +119,25 @@ def test_check_shows_policies_rate_limits_and_retries(
     assert "  policy: allow everything not denied; deny DELETE /**" in out
 
 
-def test_check_fails_naming_the_problem() -> None:
-    result = run_cli("check", "-c", str(ROOT / "config.example.yaml"))
+def test_check_fails_naming_the_problem(tmp_path: Path) -> None:
+    # A copy: what the user keeps in the checkout's secrets/ must not change the outcome.
+    config = shutil.copy(ROOT / "config.example.yaml", tmp_path / "config.yaml")
+    result = run_cli("check", "-c", str(config))
     assert result.returncode == 1
     assert (
         "credential 'trading'" in result.stderr
         and "cdp_api_key.json does not exist" in result.stderr
     )
+
+
+def test_check_passes_once_the_quick_start_key_is_saved(tmp_path: Path, ec_key_file: Path) -> None:
+    """Quick start step 1 (a key in secrets/ next to the example) makes `check` pass."""
+    config = shutil.copy(ROOT / "config.example.yaml", tmp_path / "config.yaml")
+    (tmp_path / "secrets").mkdir()
+    shutil.copy(ec_key_file, tmp_path / "secrets" / "cdp_api_key.json")
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "credential trading: ES256 key" in result.stdout
 
 
 def test_check_config_error_exit_2(tmp_path: Path) -> None:
@@ -206,7 +219,7 @@ async def test_curl_through_both_modes(
             data = json.loads(out)
             assert data["auth"] == "jwt", data
         assert (
-            data["claims"]["uri"] == "POST api.developer.coinbase.com/onramp/v1/buy/quote"
+            data["claims"]["uris"] == ["POST api.developer.coinbase.com/onramp/v1/buy/quote"]
             and data["body_len"] == 7
         )
         # https:// through the proxy means CONNECT: refused, and curl says so

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 from pathlib import Path
 
 import aiohttp
@@ -26,8 +27,9 @@ def uncommented(text: str) -> str:
     )
 
 
-async def test_example_starts_without_keys() -> None:
-    config = load_config(EXAMPLE)
+async def test_example_starts_without_keys(tmp_path: Path) -> None:
+    # A copy, so a key the user saved in the checkout's secrets/ does not make it ready.
+    config = load_config(shutil.copy(EXAMPLE, tmp_path / "config.yaml"))
     assert topper_settings(config) is None
     free = ListenAddress("127.0.0.1", 0)
     server = ProxyServer(
@@ -47,6 +49,7 @@ async def test_example_starts_without_keys() -> None:
 
 def test_commented_settings_are_valid_when_uncommented() -> None:
     config = parse_config(yaml.safe_load(uncommented(EXAMPLE.read_text())), EXAMPLE)
+    assert config.upstreams["api.coinbase.com"].tls_server_name == "api.coinbase.com"
     ws_user = config.upstreams["advanced-trade-ws-user.coinbase.com"]
     assert (ws_user.credential, ws_user.url) == (
         "trading",
@@ -64,3 +67,9 @@ def test_commented_settings_are_valid_when_uncommented() -> None:
     assert venues == {"exchange": "exchange", "prime": "prime", "intx": "intx"}
     assert config.upstreams["ws-feed.exchange.coinbase.com"].credential == "exchange"
     assert prefixes.index("/ws/exchange") < prefixes.index("/ws") and "/prime/" in prefixes
+    wallet = config.credentials["trading"].wallet_secret
+    assert wallet is not None and wallet.ref == str(
+        EXAMPLE.parent / "secrets" / "cdp_wallet_secret"
+    )
+    cdp = config.upstreams["api.cdp.coinbase.com"]
+    assert cdp.jwt_uri_claim == "uris" and len(cdp.wallet_rules) == 26 + 14 + 1

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-DOCS = ROOT / "README.md"  # its "Deploy on Kubernetes" section
+DOCS = ROOT / "docs" / "kubernetes.md"  # the Kubernetes page
 
 # Native sidecars (initContainers[].restartPolicy: Always) are on by default from 1.29: the oldest
 # version the manifests must validate against, plus the newest schema the package ships.
@@ -47,7 +47,7 @@ IMAGE_CONFIG = "/etc/signing-proxy/config.yaml"
 ADMIN_PORT = 9090
 PROXY_PORT = 8080
 # Files in deploy/ that are not Kubernetes objects.
-NOT_MANIFESTS = {DEPLOY / "config.yaml"}
+NOT_MANIFESTS = {DEPLOY / "config.yaml", DEPLOY / "monitoring" / "alerts.test.yaml"}  # not objects
 SECRET_EXAMPLE = DEPLOY / "secret.example.yaml"
 VARIANTS = ("base", "native-sidecar", "classic-sidecar", "gateway", "monitoring")
 PROXY_VARIANTS = ("native-sidecar", "classic-sidecar", "gateway")
@@ -360,7 +360,7 @@ def test_example_secret_holds_only_placeholders() -> None:
 
 
 def test_no_private_key_material_is_checked_in() -> None:
-    paths = [*DEPLOY.rglob("*"), DOCKERFILE, DOCKERIGNORE, DOCS]
+    paths = [*DEPLOY.rglob("*"), DOCKERFILE, DOCKERIGNORE, DOCS, ROOT / "README.md"]
     for path in paths:
         if path.is_file():
             assert not PEM_KEY.search(path.read_text(encoding="utf-8")), path
@@ -752,7 +752,7 @@ def test_dockerignore_keeps_what_the_build_needs(path: str) -> None:
 def test_docs_name_real_paths_and_the_secret_command() -> None:
     text = DOCS.read_text(encoding="utf-8")
     for ref in set(re.findall(r"deploy/[\w./-]*\w", text)):
-        assert (ROOT / ref).exists(), f"README.md names missing {ref}"
+        assert (ROOT / ref).exists(), f"{DOCS.name} names missing {ref}"
     assert (
         "kubectl create secret generic signing-proxy-cdp-key "
         "--from-file=cdp_api_key.json=./cdp_api_key.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from signing_proxy.config import env_overrides, load_config
 from signing_proxy.errors import ConfigError
 
+from .helpers import wait_for
 from .proc import ProxyProcess, free_port, write_config
 from .upstream import VerifyingUpstream
 
@@ -170,13 +172,23 @@ async def test_workers_share_the_port_and_aggregate_metrics(
 
         victim = next(iter(pids))  # a worker that dies is replaced
         os.kill(victim, signal.SIGKILL)
-        await asyncio.sleep(1.0)
+        # Until the replacement listens: stopping it half-started would make the exit code 1.
+        await wait_for(
+            lambda: proxy.output().count('"msg": "listening"') == 3, within=20, what="restart"
+        )
         async with aiohttp.ClientSession() as client:
             for _ in range(10):
                 assert await _status(client, f"{base}/api/v3/brokerage/accounts") == 200
         assert "worker exited unexpectedly; restarting it" in proxy.output()
     finally:
         assert proxy.stop(timeout=30) == 0
+    # Every line a worker writes says which worker it is (access log and other lines alike).
+    lines = [json.loads(line) for line in proxy.output().splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "signing_proxy.access"]
+    assert len(access) >= 10 and {line["pid"] for line in access} >= pids
+    assert all(line["worker"] in (0, 1) for line in access)
+    listening = [line for line in lines if line["msg"] == "listening"]
+    assert {line["worker"] for line in listening} == {0, 1}
     children = [p for p in pids if Path(f"/proc/{p}").exists()]
     assert children == []
 

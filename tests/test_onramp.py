@@ -148,7 +148,9 @@ async def test_request_session_token_is_signed_and_sent_as_coinbase_expects(
         }
     ]
     seen = upstream.received[-1]
-    assert seen.claims["uri"] == "POST api.developer.coinbase.com/onramp/v1/token"
+    assert seen.claims["uris"] == [
+        "POST api.developer.coinbase.com/onramp/v1/token"
+    ]  # cdp-sdk form
     assert seen.host == ONRAMP_HOST and seen.jwt_header["kid"] == ED_KEY_NAME
     assert seen.headers["content-type"] == "application/json"
 

@@ -188,7 +188,7 @@ def _series(exposition: str) -> int:
     return sum(1 for line in exposition.splitlines() if line and not line.startswith("#"))
 
 
-async def test_metric_series_stay_bounded_under_10k_random_paths(
+async def test_metric_series_stay_bounded_under_thousands_of_random_paths(
     proxy: ProxyServer, client: aiohttp.ClientSession
 ) -> None:
     rng = random.Random(4)
@@ -215,10 +215,12 @@ async def test_metric_series_stay_bounded_under_10k_random_paths(
 
     counts = []
     for _ in range(2):
-        await asyncio.gather(*(worker(250) for _ in range(20)))  # 5,000 requests per round
+        # 1,000 requests per round, ~400 of them routed: each a new path shape, so the first
+        # round alone is twice over the route-template cap (MAX_ROUTE_LABELS = 200).
+        await asyncio.gather(*(worker(50) for _ in range(20)))
         _, _, _, raw = await fetch(client, "GET", f"{admin(proxy)}/metrics", headers=IDENTITY)
         counts.append(_series(raw.decode()))
-    # The second 5,000 random paths added no series: labels are capped, not per path.
+    # The second round's random paths added no series: labels are capped, not per path.
     assert counts[0] == counts[1], counts
     assert counts[1] < 6_000
     routes = set()

@@ -1,6 +1,6 @@
 """A stand-in for Coinbase: an aiohttp server over real TLS that verifies every request.
 
-It checks what Coinbase checks (COINBASE_AUTH.md): the JWT signature with the *public* key named
+It checks what Coinbase checks (docs/coinbase-auth.md): the JWT signature with the *public* key named
 by ``kid``, ``sub``/``iss``/``nbf``/``exp``, the ``uri`` against the method + Host + path it actually
 received, nonces never reused; or the HMAC recomputed from the bytes it received. Anything else
 gets a 401, so a functional test passes only if the proxy signed exactly what it sent.
@@ -9,7 +9,8 @@ WebSocket upgrades get an Advanced Trade stand-in (``_websocket``): subscribe/un
 have their ``jwt`` verified the same way, but in the WebSocket form (no ``uri``), and the
 authenticated channels are refused without one. ``POST /onramp/v1/token`` checks its body and
 answers a session token the way Coinbase does. Exchange, Prime and INTX keys (``venue_keys``) are
-checked by ``venue_auth``, on REST requests and on Exchange feed subscribe messages.
+checked by ``venue_auth``, on REST requests and on Exchange feed subscribe messages. CDP v2
+(``X-Wallet-Auth``, Onramp v2 sessions) is checked by ``wallet_upstream.WalletVerifier``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from aiohttp import WSMsgType, web
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from . import venue_auth
+from .wallet_upstream import ONRAMP_SESSIONS, WalletRejected, WalletVerifier
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 WS_AUTH_CHANNELS = frozenset({"user", "futures_balance_summary"})
@@ -87,9 +89,11 @@ class VerifyingUpstream:
         hmac_secrets: dict[str, str] | None = None,
         anonymous_hosts: frozenset[str] = frozenset(),
         venue_keys: dict[str, venue_auth.VenueKey] | None = None,
+        wallet: WalletVerifier | None = None,
     ):
         self.ca = ca
         self.venue_keys = venue_keys or {}  # api key → venue, secret, passphrase
+        self.wallet = wallet
         self.keys = keys or {}
         self.hmac_secrets = hmac_secrets or {}
         self.anonymous_hosts = anonymous_hosts
@@ -117,7 +121,9 @@ class VerifyingUpstream:
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)  # any path, even %0a
         app.on_response_prepare.append(self._date)
-        self._runner = web.AppRunner(app, access_log=None)
+        # shutdown_timeout: at teardown, a handler still sleeping in /slow (its client long gone)
+        # is not waited out for aiohttp's default 60 s.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
         await site.start()
@@ -156,7 +162,7 @@ class VerifyingUpstream:
         expected_alg = "ES256" if isinstance(public, ec.EllipticCurvePublicKey) else "EdDSA"
         if header.get("alg") != expected_alg or header.get("typ") != "JWT":
             raise Unauthorized(f"bad header {header}")
-        required = ["sub", "iss", "nbf", "exp"] + ([] if uri is None else ["uri"])
+        required = ["sub", "iss", "nbf", "exp"]
         try:
             claims = jwt.decode(
                 token,
@@ -170,10 +176,13 @@ class VerifyingUpstream:
             raise Unauthorized(f"bad sub/iss/aud: {claims}")
         if claims["exp"] - claims["nbf"] != 120 or abs(claims["nbf"] - time.time()) > 5:
             raise Unauthorized(f"bad lifetime: {claims}")
-        if uri is None and "uri" in claims:
+        if uri is None and ("uri" in claims or "uris" in claims):
             raise Unauthorized(f"a WebSocket jwt carries no uri: {claims}")
-        if uri is not None and claims["uri"] != uri:
-            raise Unauthorized(f"uri {claims['uri']!r} != {uri!r}")
+        # One of the two forms: coinbase-advanced-py's `uri`, or cdp-sdk's one-element `uris`.
+        if uri is not None and [claims.get("uri")] != [uri] and claims.get("uris") != [uri]:
+            raise Unauthorized(f"uri {claims.get('uri', claims.get('uris'))!r} != {uri!r}")
+        if "uri" in claims and "uris" in claims:
+            raise Unauthorized(f"both uri and uris: {claims}")
         nonce = header.get("nonce")
         if not isinstance(nonce, str) or len(nonce) < 16 or nonce in self.seen_nonces:
             raise Unauthorized(f"nonce missing or reused: {nonce!r}")
@@ -226,7 +235,10 @@ class VerifyingUpstream:
                 rec = Received(request.method, host, path, query, {}, "none")
             else:
                 raise Unauthorized("no credentials")
-        except (Unauthorized, venue_auth.VenueRejected) as exc:
+            if self.wallet is not None and not streaming:
+                body = body or await request.read()
+                self.wallet.check(request, path, body)
+        except (Unauthorized, venue_auth.VenueRejected, WalletRejected) as exc:
             self.rejections.append(str(exc))
             return web.json_response({"error": "unauthorized", "reason": str(exc)}, status=401)
         rec.query = query
@@ -295,6 +307,8 @@ class VerifyingUpstream:
     ) -> web.StreamResponse:
         if path == "/onramp/v1/token" and request.method == "POST":
             return self._onramp_token(body)
+        if path == ONRAMP_SESSIONS and request.method == "POST" and self.wallet is not None:
+            return self.wallet.onramp_session(body)
         if path == "/redirect":
             return web.Response(status=302, headers={"Location": "https://elsewhere.example/next"})
         if path.startswith("/status/"):
