@@ -54,6 +54,8 @@ from .proxy import ProxyHandler
 from .relay import Relay, UpstreamEndpoint, create_session
 from .routing import Router
 from .signers import Clock
+from .token_exchange import TokenBrokers
+from .token_relay import TokenRelay
 from .topper import TopperEndpoint
 
 __all__ = ["ProxyServer", "ProxyState", "run"]
@@ -72,11 +74,16 @@ class ProxyState:
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     access_log_stream: TextIO | None = None  # None: stderr
     endpoints: dict[str, UpstreamEndpoint] = field(default_factory=dict)
+    token_brokers: TokenBrokers | None = None  # access tokens of token_exchange upstreams
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         missing = self.credentials.missing()
         ready = not missing and not self.draining and self.handler is not None
-        return ready, {"ready": ready, "draining": self.draining, "missing": missing}
+        body: dict[str, Any] = {"ready": ready, "draining": self.draining, "missing": missing}
+        if self.token_brokers is not None:
+            tokens_ok, body["token_exchange"] = self.token_brokers.readiness()
+            body["ready"] = ready = ready and tokens_ok
+        return ready, body
 
 
 def _json(data: dict[str, Any], status: int = 200) -> web.Response:
@@ -221,6 +228,15 @@ class ProxyServer:
         topper = TopperEndpoint.from_config(self.config)  # None without a topper: block
         self._session = create_session()
         handler = self.state.handler = self._build_handler(self._session, topper)
+        if any(up.auth == "token_exchange" for up in self.config.upstreams.values()):
+            brokers = self.state.token_brokers = TokenBrokers(
+                self.state.credentials, self.state.endpoints, self._session, self.metrics
+            )
+            handler.relay.tokens = TokenRelay(
+                self._session, self.state.endpoints, brokers, self.metrics,
+                self.config.max_body_bytes,
+            )  # fmt: skip
+            brokers.start(self.config)
         if handler.access_log is not None:
             self.state.on_shutdown.append(_flusher(handler.access_log))
         # Open WebSockets would hold the drain: close them with 1001 at the shutdown step.
@@ -322,6 +338,8 @@ class ProxyServer:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        if self.state.token_brokers is not None:  # after the drain: requests may need a token
+            await self.state.token_brokers.stop()
         if self.state.handler is not None:
             await self.state.handler.relay.close()  # the pooled upstream connections
         if self._session is not None:

@@ -218,8 +218,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         via = "" if up.url == f"https://{up.name}" else f" via {up.url}"
         if up.tls_server_name is not None:
             via += f" (TLS name {up.tls_server_name})"
+        auth = ""
+        if up.auth is not None and up.credential is not None:  # e.g. "ES256 → token_exchange"
+            info = store[up.credential].info
+            auth = f" ({info.scheme if info else 'key not loaded'} → {up.auth})"
         print(
-            f"upstream {up.name}{via}: credential {up.credential or '(none: unsigned)'}, "
+            f"upstream {up.name}{via}: credential {up.credential or '(none: unsigned)'}{auth}, "
             f"timeout {up.timeout:g}s, retries {up.retries}"
         )
         if up.ca_file is not None:

@@ -109,6 +109,7 @@ class UpstreamConfig:
     tls_server_name: str | None = None
     jwt_uri_claim: Literal["uri", "uris"] = "uri"  # the CDP JWT's claim form for this host
     wallet_rules: tuple[WalletRule, ...] = ()  # requests that get X-Wallet-Auth
+    auth: str | None = None  # "token_exchange": the key is exchanged for an access token
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,7 @@ _UPSTREAM_KEYS: Final = {
     "websocket",
     "jwt_uri_claim",
     "wallet_auth",
+    "auth",
 }
 # Coinbase's WebSocket-only hosts: upgrades are relayed to them without a wss:// url or a flag.
 WEBSOCKET_HOSTS: Final = frozenset(
@@ -238,6 +240,7 @@ WEBSOCKET_HOSTS: Final = frozenset(
 )
 _VENUE_KEYS: Final = _HMAC_KEYS | {f"passphrase{s}" for s in ("", "_env", "_file")}
 _VENUES: Final = ("exchange", "prime", "intx")  # other Coinbase venues: HMAC with a passphrase
+_UPSTREAM_AUTH: Final = ("token_exchange",)
 _ROUTE_KEYS: Final = {"prefix", "upstream", "credential", "strip_prefix", "policy"}
 _LOG_LEVELS: Final = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
@@ -467,7 +470,22 @@ def _upstream(
     ca_file = r.file_path(data["ca_file"], f"{where}.ca_file") if data.get("ca_file") else None
     timeout = r.number(data.get("timeout", DEFAULT_UPSTREAM_TIMEOUT), f"{where}.timeout")
     retries = r.count(data.get("retries", 1), f"{where}.retries")
-    websocket = data.get("websocket", url.startswith("wss://") or host in WEBSOCKET_HOSTS)
+    auth = data.get("auth")
+    if auth is not None and auth not in _UPSTREAM_AUTH:
+        raise r.fail(
+            f"{where}.auth",
+            f"expected {' or '.join(_UPSTREAM_AUTH)} (or leave it out: each request is signed)",
+        )
+    if auth == "token_exchange" and (credential is None or credentials[credential].type != "cdp"):
+        raise r.fail(
+            f"{where}.auth",
+            "token_exchange needs a CDP credential (key_file or key_name + private_key) "
+            "on this upstream: its key is exchanged for the access token",
+        )
+    # A token_exchange gateway serves its in-band-authenticated socket on the same host.
+    websocket = data.get(
+        "websocket", url.startswith("wss://") or host in WEBSOCKET_HOSTS or auth is not None
+    )
     if not isinstance(websocket, bool):
         raise r.fail(f"{where}.websocket", "expected true or false")
     claim = data.get("jwt_uri_claim", "uris" if host in URIS_CLAIM_HOSTS else "uri")
@@ -476,7 +494,7 @@ def _upstream(
     wallet_rules = WalletRules.defaults(host) + _wallet_paths(r, data, where)
     return UpstreamConfig(
         host, credential, url, ca_file, timeout, retries, websocket,
-        tls_server_name=tls_server_name, jwt_uri_claim=claim, wallet_rules=wallet_rules,
+        tls_server_name=tls_server_name, jwt_uri_claim=claim, wallet_rules=wallet_rules, auth=auth,
     )  # fmt: skip
 
 
@@ -516,6 +534,15 @@ def _route(
     if credential is not None and credential not in credentials:
         raise r.fail(
             f"{where}.credential", f"no credential named {credential!r} under credentials:"
+        )
+    if (
+        credential is not None
+        and cfg_upstreams[upstream].auth == "token_exchange"
+        and credentials[credential].type != "cdp"
+    ):
+        raise r.fail(
+            f"{where}.credential",
+            f"upstream {upstream} uses token_exchange, which needs a CDP credential",
         )
     strip = data.get("strip_prefix", False)
     if not isinstance(strip, bool):

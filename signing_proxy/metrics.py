@@ -178,6 +178,27 @@ class ProxyMetrics:
             ["kind"],
             registry=registry,
         )
+        self.token_exchanges = Counter(
+            f"{ns}_token_exchanges_total",
+            "Access-token exchanges (public/auth) by credential, transport (http, websocket) "
+            "and outcome (ok, rejected, http_error, bad_answer, unreachable, timeout)",
+            ["credential", "transport", "outcome"],
+            registry=registry,
+        )
+        self.token_expiry = Gauge(
+            f"{ns}_token_expiry_seconds",
+            "Seconds until the credential's current access token expires (0: none); kept "
+            "current every second",
+            ["credential"],
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+        self.token_rejected_retries = Counter(
+            f"{ns}_token_rejected_retries_total",
+            "Calls sent again with a fresh access token after the gateway rejected the token",
+            ["credential"],
+            registry=registry,
+        )
 
         # Label children by key: labels() costs ~2.5 µs with its lock and checks; a dict lookup
         # does not. Keys are bounded (see the module docstring), so these dicts are too.

@@ -287,10 +287,12 @@ class ProxyHandler:
                     finally:
                         if ex.retries:
                             self.metrics.retries.labels(target.upstream.name).inc(ex.retries)
-                    self._learn(request, target, signer, ex)
-                    if signer is not None and credential is not None:
+                    # token_exchange upstreams carry a cached token: nothing signed per request.
+                    signed = signer if target.upstream.auth is None else None
+                    self._learn(request, target, signed, ex)
+                    if signed is not None and credential is not None:
                         self.metrics.count_signature(
-                            credential, signer.scheme, ex.sign_seconds, 1 + ex.retries
+                            credential, signed.scheme, ex.sign_seconds, 1 + ex.retries
                         )
                         if ex.wallet_tokens:
                             self.metrics.wallet_tokens.labels(credential).inc(ex.wallet_tokens)

@@ -21,7 +21,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 from aiohttp import web
@@ -34,6 +34,9 @@ from .routing import Target
 from .signers import Signer
 from .upstream_pool import Response, StaleConnection, UpstreamFailure, UpstreamPool
 from .wallet_auth import WALLET_HEADER
+
+if TYPE_CHECKING:
+    from .token_relay import TokenRelay
 
 __all__ = [
     "END_TO_END",
@@ -372,6 +375,7 @@ class Relay:
         self.endpoints = endpoints
         self.max_body_bytes = max_body_bytes
         self.max_stream_body_bytes = max_stream_body_bytes
+        self.tokens: TokenRelay | None = None  # upstreams with auth: token_exchange (app.py)
         self.pools = {name: _pool(endpoint) for name, endpoint in endpoints.items()}
 
     async def close(self) -> None:
@@ -470,6 +474,10 @@ class Relay:
     async def forward(
         self, request: web.BaseRequest, target: Target, signer: Signer | None, ex: Exchange
     ) -> web.StreamResponse:
+        if target.upstream.auth == "token_exchange":  # a cached access token, not a signature
+            if self.tokens is None:
+                raise UpstreamError("token_exchange is not set up", code="internal_error")
+            return await self.tokens.forward(request, target, ex)
         host = target.upstream.name
         timeout = target.upstream.timeout
         headers = filter_request_headers(request.headers, host)

@@ -35,6 +35,7 @@ from prometheus_client import Counter
 from yarl import URL
 
 from .credentials import CredentialStore
+from .drb_websocket import SocketAuth
 from .errors import RequestRejected, UpstreamError
 from .metrics import ProxyMetrics, close_code_label
 from .ratelimit import TokenBucket
@@ -200,8 +201,10 @@ class _Bridge:
         client: web.WebSocketResponse,
         upstream: aiohttp.ClientWebSocketResponse,
         credential: str | None,
+        auth: SocketAuth | None = None,
     ):
         self.relay = relay
+        self.auth = auth  # in-band auth (token_exchange upstreams): its own calls and answers
         self.request = request
         self.client = client
         self.upstream = upstream
@@ -241,6 +244,10 @@ class _Bridge:
                 self._write(self.to_client, self.client, metrics.ws_messages.labels("to_client"))
             ),
         ]
+        if self.auth is not None:
+            for early in self.auth.early:  # sent by the upstream while it was authenticated
+                self.to_client.offer(early, len(early.data))
+            writers.append(self._task(self._reauthenticate(self.auth)))
         try:
             await self.done.wait()
         finally:
@@ -277,6 +284,13 @@ class _Bridge:
 
         return asyncio.get_running_loop().create_task(guarded())
 
+    async def _reauthenticate(self, auth: SocketAuth) -> None:
+        def send(text: str) -> bool:
+            return self.to_upstream.offer(WSMessage(WSMsgType.TEXT, text, None), len(text))
+
+        reason = await auth.run(send)
+        self.end(WSCloseCode.INTERNAL_ERROR, reason[:120], "token_exchange_failed")
+
     def _sign(self, text: str) -> str | None:
         """``text`` with the signer's WebSocket auth fields set, if it is a message it signs."""
         credential = self.credential
@@ -301,6 +315,20 @@ class _Bridge:
         sign = from_client and self.credential is not None
         while True:
             msg = await source.receive()
+            if msg.type is WSMsgType.TEXT and self.auth is not None:
+                if from_client and (refusal := self.auth.from_client(msg.data)) is not None:
+                    if not self.to_client.offer(
+                        WSMessage(WSMsgType.TEXT, refusal, None), len(refusal)
+                    ):
+                        self.end(_TOO_SLOW, "client too slow", "websocket_client_too_slow")
+                        return
+                    continue
+                if not from_client:
+                    relayed = self.auth.from_upstream(msg.data)
+                    if relayed is None:
+                        continue  # the answer to the proxy's own public/auth: holds the token
+                    if relayed is not msg.data:
+                        msg = WSMessage(WSMsgType.TEXT, relayed, None)
             if msg.type is WSMsgType.TEXT:
                 try:
                     if sign and (signed := self._sign(msg.data)) is not None:
@@ -419,6 +447,16 @@ class WebSocketRelay:
                 code="bad_websocket_upgrade",
             )
         upstream = await self._connect(request, target, ex)
+        auth = None
+        if target.upstream.auth == "token_exchange" and target.credential is not None:
+            auth = SocketAuth(
+                self.credentials, target.credential, self.metrics, target.upstream.timeout
+            )
+            try:
+                await auth.open(upstream, target.upstream.name)
+            except BaseException:
+                await _close(upstream, _CLIENT_GONE, "not authenticated")
+                raise
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
             autoclose=False,  # close frames are relayed, code and all
@@ -433,8 +471,8 @@ class WebSocketRelay:
             await _close(upstream, _CLIENT_GONE, "client went away")
             raise
         ex.status = client.status
-        credential = target.credential if signer is not None else None
-        bridge = _Bridge(self, request, client, upstream, credential)
+        credential = target.credential if signer is not None and auth is None else None
+        bridge = _Bridge(self, request, client, upstream, credential, auth)
         self._open.add(bridge)
         self.metrics.ws_connections.inc()
         try:

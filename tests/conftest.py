@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from signing_proxy.app import ProxyServer
 from signing_proxy.config import parse_config
 
+from .drb_upstream import DrbUpstream
 from .upstream import VerifyingUpstream
 from .wallet_upstream import WalletVerifier
 
@@ -124,6 +125,19 @@ async def upstream(
         hmac_secrets={HMAC_KEY: HMAC_SECRET},
         anonymous_hosts=frozenset({PUBLIC_HOST}),
         wallet=WalletVerifier([wallet_key.public_key()]),
+    )
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def drb(
+    ca: trustme.CA, ec_key: ec.EllipticCurvePrivateKey, ed_key: ed25519.Ed25519PrivateKey
+) -> AsyncIterator[DrbUpstream]:
+    """The derivatives gateway stand-in (tests/drb_upstream.py), knowing both test keys."""
+    server = DrbUpstream(
+        ca, keys={EC_KEY_NAME: ec_key.public_key(), ED_KEY_NAME: ed_key.public_key()}
     )
     await server.start()
     yield server

@@ -55,7 +55,10 @@ def test_commented_settings_are_valid_when_uncommented() -> None:
         "trading",
         "wss://advanced-trade-ws-user.coinbase.com",
     )
+    drb = config.upstreams["drb.coinbase.com"]
+    assert (drb.credential, drb.auth, drb.websocket) == ("trading", "token_exchange", True)
     routes = {r.prefix: r for r in config.routes}
+    assert routes["/drb"].strip_prefix
     assert routes["/ws/user"].strip_prefix and routes["/ws"].strip_prefix
     prefixes = [r.prefix for r in config.routes]
     assert prefixes.index("/ws/user") < prefixes.index("/ws") < prefixes.index("/")

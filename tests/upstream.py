@@ -123,7 +123,10 @@ class VerifyingUpstream:
         app.on_response_prepare.append(self._date)
         # shutdown_timeout: at teardown, a handler still sleeping in /slow (its client long gone)
         # is not waited out for aiohttp's default 60 s.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        # Like Coinbase, verify over the bytes that arrived: never inflate a compressed body first.
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=0.5, auto_decompress=False
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
         await site.start()
