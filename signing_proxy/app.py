@@ -340,6 +340,8 @@ class ProxyServer:
         self._runners.clear()
         if self.state.token_brokers is not None:  # after the drain: requests may need a token
             await self.state.token_brokers.stop()
+        if self.state.handler is not None:
+            await self.state.handler.relay.close()  # the pooled upstream connections
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -32,6 +32,7 @@ from .config import UpstreamConfig
 from .errors import ConfigError, RequestRejected, UpstreamError
 from .routing import Target
 from .signers import Signer
+from .upstream_pool import Response, StaleConnection, UpstreamFailure, UpstreamPool
 from .wallet_auth import WALLET_HEADER
 
 if TYPE_CHECKING:
@@ -307,20 +308,62 @@ async def read_capped_body(
     return b"".join(parts)
 
 
-def _retryable(exc: BaseException, method: str, body: _BodyStream | None) -> bool:
+def _retryable(exc: UpstreamFailure, method: str, body: _BodyStream | None) -> bool:
     """Did this attempt fail before the upstream could have acted on it, and can it be resent?"""
     if body is not None and body.started:
         return False  # the client's bytes are gone: they cannot be sent twice
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError | TimeoutError):
+    if exc.code in ("upstream_tls_error", "upstream_timeout"):
         return False  # a bad certificate stays bad; a timeout has used up the time
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return True  # the connection never opened: nothing was sent
-    return method in _RETRY_METHODS and isinstance(
-        exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+    if not exc.reached or isinstance(exc, StaleConnection):
+        return True  # nothing was sent, or a pooled connection died under it (RFC 9112 §9.3.1)
+    return method in _RETRY_METHODS and exc.code == "upstream_connection_reset"
+
+
+def _pool(endpoint: UpstreamEndpoint) -> UpstreamPool:
+    url = URL(endpoint.origin)
+    context = endpoint.ssl if isinstance(endpoint.ssl, ssl.SSLContext) else _default_tls()
+    host = endpoint.config.name
+    return UpstreamPool(
+        url.raw_host or host,
+        url.port or 443,
+        context,
+        endpoint.server_hostname or url.raw_host,
+        name=host,
     )
 
 
+def _default_tls() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+def _wire_headers(headers: CIMultiDict[str]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+
+def _response_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """The upstream's headers for the client: no hop-by-hop ones, nothing else touched."""
+    named = {
+        token.strip().lower()
+        for name, value in raw
+        if name.lower() == b"connection"
+        for token in value.decode("latin-1").split(",")
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in raw:
+        text = name.decode("latin-1")
+        lower = text.lower()
+        if lower in HOP_BY_HOP or lower in named:
+            continue
+        out.add(text, value.decode("latin-1"))
+    return out
+
+
 class Relay:
+    """The REST hot path: one keep-alive connection pool per upstream (upstream_pool.py).
+
+    ``session`` (aiohttp) serves what is not on the hot path: WebSocket upgrades and the
+    proxy's own outbound calls."""
+
     def __init__(
         self,
         session: aiohttp.ClientSession,
@@ -333,6 +376,11 @@ class Relay:
         self.max_body_bytes = max_body_bytes
         self.max_stream_body_bytes = max_stream_body_bytes
         self.tokens: TokenRelay | None = None  # upstreams with auth: token_exchange (app.py)
+        self.pools = {name: _pool(endpoint) for name, endpoint in endpoints.items()}
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()
 
     async def _read_body(self, request: web.BaseRequest, seconds: float) -> bytes:
         try:
@@ -354,61 +402,72 @@ class Relay:
         headers: CIMultiDict[str],
         body: bytes | None,
         stream: _BodyStream | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Sign and send, again if the attempt failed before reaching the upstream."""
-        endpoint = self.endpoints[target.upstream.name]
         host = target.upstream.name
+        pool = self.pools[host]
         method = request.method
-        raw = endpoint.origin + target.path + ("?" + target.query if target.query else "")
-        url = URL(raw, encoded=True)  # send the path exactly as signed
-        timeout = endpoint.config.timeout
+        wire_target = (target.path + ("?" + target.query if target.query else "")).encode(
+            "latin-1"
+        )  # the path exactly as signed
+        timeout = target.upstream.timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        base = _wire_headers(headers)
+        declared = request.content_length if stream is not None else None
         t0 = time.perf_counter()
+        stale_retried = False
         while True:
-            # No copy per attempt: each signature sets the same header names, so an attempt's
-            # headers replace the last one's (and aiohttp copies them into its own request).
+            wire = base
             if signer is not None:
                 s0 = time.perf_counter()
                 # Fresh for every attempt: a nonce or timestamp is never sent twice.
                 signed = signer.sign(method, host, target.path, target.query, body)
-                headers.update(signed)
+                wire = base + [
+                    (k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.items()
+                ]
                 ex.wallet_tokens += WALLET_HEADER in signed
                 ex.sign_seconds += time.perf_counter() - s0
             data: bytes | AsyncIterator[bytes] | None = body
             if stream is not None:
                 data = stream.chunks()
+            left = max(deadline - loop.time(), 0.001)
             try:
-                upstream = await self.session.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    ssl=endpoint.ssl,
-                    server_hostname=endpoint.server_hostname,
-                    timeout=endpoint.timeout  # the whole budget on the first attempt
-                    if not ex.retries
-                    else aiohttp.ClientTimeout(total=max(deadline - loop.time(), 0.001)),
-                )
-            except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
-                if stream is not None and stream.too_large:
-                    assert self.max_stream_body_bytes is not None
-                    raise _too_large(self.max_stream_body_bytes, "max_stream_body_bytes") from None
-                error = translate_client_error(exc, host, timeout)
+                # The pool's own deadline covers its socket; this one also covers a client whose
+                # streamed body stalls while the upload waits for it.
+                async with asyncio.timeout(left):
+                    upstream = await pool.request(
+                        method, wire_target, wire, data, content_length=declared, timeout=left
+                    )
+            except TimeoutError:
+                raise UpstreamError(
+                    f"{host} did not answer within {timeout:g}s (upstream timeout)",
+                    code="upstream_timeout",
+                    status=504,
+                ) from None
+            except _BodyTooLarge:
+                assert self.max_stream_body_bytes is not None
+                raise _too_large(self.max_stream_body_bytes, "max_stream_body_bytes") from None
+            except UpstreamFailure as exc:
+                # A pooled connection the upstream closed while idle is the keep-alive race,
+                # not the upstream's fault: one more try on a fresh one, beyond `retries`.
+                stale = isinstance(exc, StaleConnection) and not stale_retried
                 if (
-                    ex.retries < endpoint.config.retries
+                    (stale or ex.retries < target.upstream.retries)
                     and deadline - loop.time() > 0.01
                     and _retryable(exc, method, stream)
                 ):
-                    ex.retries += 1
+                    if stale:
+                        stale_retried = True
+                    else:
+                        ex.retries += 1
                     log.info(
                         "upstream attempt failed before reaching it; retrying, signed afresh",
                         extra={"fields": {"request_id": ex.request_id, "upstream": host,
-                                          "error": error.code, "retry": ex.retries}},
+                                          "error": exc.code, "retry": ex.retries}},
                     )  # fmt: skip
                     continue
-                raise error from None
+                raise
             ex.upstream_seconds = time.perf_counter() - t0
             return upstream
 
@@ -435,28 +494,25 @@ class Relay:
             if cap is not None and declared is not None and declared > cap:
                 raise _too_large(cap, "max_stream_body_bytes")
             stream = _BodyStream(request, cap)
-            if declared is not None:
-                headers["Content-Length"] = str(declared)
 
         upstream = await self._send(request, target, signer, ex, headers, body, stream)
-        ex.upstream_date = upstream.headers.get("Date")
+        try:
+            return await self._answer(request, upstream, ex, host)
+        finally:
+            upstream.release()  # back to the pool only if read to its end; closed otherwise
 
-        out_headers = filter_response_headers(upstream.headers)
+    async def _answer(
+        self, request: web.BaseRequest, upstream: Response, ex: Exchange, host: str
+    ) -> web.StreamResponse:
+        out_headers = _response_headers(upstream.headers)
+        ex.upstream_date = out_headers.get("Date")
         out_headers["X-Request-Id"] = ex.request_id
         ex.status = upstream.status
         size = upstream.content_length
         if size is not None and size <= _SMALL_BODY and request.method != "HEAD":
             # Small, declared-length answers (most API calls): read it and send headers and body
             # in one write, instead of prepare/write/write_eof. Memory stays bounded by _SMALL_BODY.
-            try:
-                small = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
-                upstream.close()
-                raise translate_client_error(exc, host, timeout) from None
-            except BaseException:  # cancelled (the client left): never pool a half-read connection
-                upstream.close()
-                raise
-            upstream.release()
+            small = await upstream.read()
             ex.bytes_out = len(small)
             return web.Response(
                 status=upstream.status, reason=upstream.reason, headers=out_headers, body=small
@@ -465,33 +521,26 @@ class Relay:
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=out_headers
         )
-        complete = False
         try:
             await response.prepare(request)
             try:
-                while chunk := await upstream.content.readany():
+                async for chunk in upstream.body():
                     await response.write(chunk)
                     ex.bytes_out += len(chunk)
-            except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+            except UpstreamFailure as exc:
                 # Headers are gone already: the only honest signal left is a broken connection.
-                ex.error = translate_client_error(exc, host, timeout).code
+                ex.error = exc.code
                 log.warning(
                     "upstream failed mid-response; closing the client connection",
                     extra={"fields": {"upstream": host, "error": ex.error}},
                 )
                 _abort(request)
                 return response
-            complete = True
             await response.write_eof()
             return response
         except ConnectionResetError:  # the client went away; stop reading from upstream
             ex.error = "client_disconnected"
             return response
-        finally:
-            if complete:
-                upstream.release()
-            else:  # failed, or cancelled because the client left: never pool a half-read connection
-                upstream.close()
 
 
 def _abort(request: web.BaseRequest) -> None:

@@ -51,8 +51,13 @@ def classify(
     reached: bool = False,
     stale: bool = False,
     in_body: bool = False,
+    address: str = "",
 ) -> UpstreamFailure:
-    """Every socket, TLS, parse and deadline failure, mapped to a code. Subclasses first."""
+    """Every socket, TLS, parse and deadline failure, mapped to a code. Subclasses first.
+
+    ``address`` (host:port actually contacted) is named in TLS and connect failures: with ``url:``
+    pointing at a gateway or an IP, the upstream's name alone does not say where it failed."""
+    at = f" at {address}" if address else ""
     if isinstance(exc, ResponseTimeout | TimeoutError):
         return UpstreamFailure(
             f"{upstream} did not answer within {timeout:g}s (upstream timeout)",
@@ -62,14 +67,14 @@ def classify(
         )
     if isinstance(exc, ssl.SSLCertVerificationError):
         return UpstreamFailure(
-            f"TLS certificate of {upstream} could not be verified ({exc.verify_message}); "
-            "check the upstream's url/ca_file",
+            f"TLS certificate of {upstream} could not be verified{at} ({exc.verify_message}); "
+            "check the upstream's url, ca_file and tls_server_name",
             code="upstream_tls_error",
             reached=False,
         )
     if isinstance(exc, ssl.SSLError):
         return UpstreamFailure(
-            f"TLS with {upstream} failed ({exc.reason or type(exc).__name__})",
+            f"TLS with {upstream}{at} failed ({exc.reason or type(exc).__name__})",
             code="upstream_tls_error",
             reached=reached,
         )
@@ -81,7 +86,7 @@ def classify(
         )
     if isinstance(exc, ConnectionClosed):
         if isinstance(exc.cause, ssl.SSLError):
-            return classify(exc.cause, upstream, timeout, reached=reached)
+            return classify(exc.cause, upstream, timeout, reached=reached, address=address)
         if stale or exc.before_write:
             return StaleConnection(
                 f"{upstream} closed a pooled keep-alive connection before answering",
@@ -104,7 +109,9 @@ def classify(
         # asyncio's strerror names the address ("Connect call failed (...)"); the errno says why.
         reason = os.strerror(exc.errno) if exc.errno else exc.strerror or type(exc).__name__
         return UpstreamFailure(
-            f"cannot connect to {upstream} ({reason})", code="upstream_unreachable", reached=False
+            f"cannot connect to {upstream}{at} ({reason})",
+            code="upstream_unreachable",
+            reached=False,
         )
     return UpstreamFailure(
         f"request to {upstream} failed ({type(exc).__name__})",

@@ -118,7 +118,10 @@ class Response:
 
     def _failure(self, conn: Connection) -> UpstreamFailure:
         assert conn.error is not None
-        return classify(conn.error, self._pool.name, self._timeout, reached=True, in_body=True)
+        return classify(
+            conn.error, self._pool.name, self._timeout, reached=True, in_body=True,
+            address=self._pool.address,
+        )  # fmt: skip
 
 
 class UpstreamPool:
@@ -137,6 +140,7 @@ class UpstreamPool:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname or host
         self.name = name or self.server_hostname  # in error messages
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.opened = 0  # connections opened so far
@@ -195,7 +199,9 @@ class UpstreamPool:
         except (ConnectionClosed, BadResponse, ResponseTimeout) as exc:
             self._drop(conn)
             stale = conn.served > 0 and not conn.received
-            raise classify(exc, self.name, timeout, reached=conn.wrote, stale=stale) from None
+            raise classify(
+                exc, self.name, timeout, reached=conn.wrote, stale=stale, address=self.address
+            ) from None
         except BaseException:  # cancelled, or the body's own failure: the exchange is unfinished
             self._drop(conn)
             raise
@@ -262,7 +268,7 @@ class UpstreamPool:
         except BaseException as exc:
             self._free_slot()
             if isinstance(exc, OSError):  # refused, reset, TLS (ssl.SSLError), timeout
-                raise classify(exc, self.name, budget) from None
+                raise classify(exc, self.name, budget, address=self.address) from None
             raise
         conn.on_lost = self._forget
         self._live.add(conn)
