@@ -299,13 +299,15 @@ class Connection(asyncio.Protocol):
                 505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are supported"
             )
         chunked = self._coding is not None
-        if chunked and self._coding.strip().lower() != b"chunked":  # type: ignore[union-attr]
-            # e.g. "gzip, chunked": undoing only the chunking would hand over another body.
-            raise _Refusal(
-                501,
-                "unsupported_transfer_encoding",
-                "only 'Transfer-Encoding: chunked' is supported",
-            )
+        if chunked:
+            codings = [c.strip().lower() for c in self._coding.split(b",")]  # type: ignore[union-attr]
+            if codings[-1] != b"chunked":  # no length at all: the body could not be delimited
+                raise _Refusal(400, "bad_request", "Transfer-Encoding must end in chunked")
+            if len(codings) > 1:  # "gzip, chunked": undoing only the chunking alters the body
+                raise _Refusal(
+                    501, "unsupported_transfer_encoding",
+                    "only 'Transfer-Encoding: chunked' is supported",
+                )  # fmt: skip
         upgrade = parser.should_upgrade()
         if upgrade and (chunked or self._content_length):
             # llhttp hands over right after the head: the body would be read as the new protocol.
