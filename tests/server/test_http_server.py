@@ -12,13 +12,14 @@ import json
 import subprocess
 import tracemalloc
 from collections.abc import AsyncIterator
+from typing import cast
 
 import aiohttp
 import pytest
 
 from signing_proxy.http_request import Request
 
-from .helpers import wait_for
+from ..helpers import wait_for
 from .http_server_kit import (
     JSON,
     Serve,
@@ -407,8 +408,7 @@ class _Echoer(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None

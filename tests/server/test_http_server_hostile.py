@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from signing_proxy.http_request import Request
 from signing_proxy.http_server import HttpServer, ServerLimits
 
-from .helpers import wait_for
+from ..helpers import wait_for
+from ..test_hostile import SMUGGLING
 from .http_server_kit import Serve, echo, error_of, exchange, read_response, servers, status_of
-from .test_hostile import SMUGGLING
 
 
 @pytest.fixture
