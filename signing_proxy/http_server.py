@@ -124,6 +124,7 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._head_deadline = 0.0
         self._idle_deadline: float | None = None
+        self._awaiting_head = True  # the deadlines apply (no request is being answered)
         self._active: Request | None = None  # the request whose answer is being made
         self._task: asyncio.Task[None] | None = None
         self._queue: deque[Request | Refusal] = deque()
@@ -200,6 +201,7 @@ class Connection(asyncio.Protocol):
         return len(self._queue)
 
     def dispatch(self, item: Request | Refusal) -> None:
+        self._awaiting_head = False
         if self._active is None and not self._queue:
             self._start(item)
         else:
@@ -288,20 +290,29 @@ class Connection(asyncio.Protocol):
     # --- timers and flow control ---------------------------------------------------------------
 
     def _arm_head_timer(self, idle: float | None) -> None:
+        """From now, a head must begin within idle_timeout and end within header_timeout.
+
+        One timer per connection, moved lazily: a busy connection's timer just finds nothing to
+        do, so a keep-alive request costs no timer scheduling or cancelling."""
         now = self.loop.time()
         self._head_deadline = now + self.limits.header_timeout
         self._idle_deadline = now + (self.limits.idle_timeout if idle is None else idle)
-        self._timer = self.loop.call_at(
-            min(self._head_deadline, self._idle_deadline), self._on_timer
-        )
+        self._awaiting_head = True
+        if self._timer is None:
+            self._timer = self.loop.call_at(
+                min(self._head_deadline, self._idle_deadline), self._on_timer
+            )
 
     def _on_timer(self) -> None:
         self._timer = None
-        now = self.loop.time()
-        if self._idle_deadline is None and now < self._head_deadline:  # bytes came: head deadline
-            self._timer = self.loop.call_at(self._head_deadline, self._on_timer)
-        elif self._active is None and not self._queue:
+        if not self._awaiting_head or self.lingering:
+            return  # a request is being answered; its end arms the timer again
+        now, idle = self.loop.time(), self._idle_deadline
+        if (idle is not None and now >= idle) or now >= self._head_deadline:
             self.transport.close()  # idle, or the head is too slow: closed without an answer
+            return
+        due = self._head_deadline if idle is None else min(idle, self._head_deadline)
+        self._timer = self.loop.call_at(due, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
