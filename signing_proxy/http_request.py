@@ -121,6 +121,15 @@ class Request:
         """The first value of header ``name`` (any case), or None."""
         return self.headers.get(name)
 
+    def head_bytes(self) -> bytes:
+        """The head re-serialised from what was parsed (same order, names and values as
+        received; whitespace around values normalised): for handing an Upgrade to another
+        HTTP implementation after ``detach()``."""
+        lines = [b"%s %s HTTP/%d.%d\r\n" % (self.method.encode(), self.raw_target, *self.version)]
+        lines += [b"%s: %s\r\n" % pair for pair in self.raw_headers]
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
     @property
     def body_exists(self) -> bool:
         return self.chunked or bool(self.content_length)

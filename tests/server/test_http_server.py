@@ -16,6 +16,8 @@ from typing import cast
 
 import aiohttp
 import pytest
+from aiohttp import web
+from yarl import URL
 
 from signing_proxy.http_request import Request
 
@@ -444,6 +446,73 @@ async def test_an_upgrade_hands_the_connection_over_with_the_bytes_after_the_hea
         assert served.http.connections == 0  # no longer the server's
     finally:
         writer.close()
+
+
+async def test_a_websocket_upgrade_can_be_handed_to_aiohttp(serve: Serve) -> None:
+    """How the proxy keeps aiohttp for WebSockets: the detached connection, its head and the
+    bytes after it go to an aiohttp RequestHandler, which runs an ordinary aiohttp handler."""
+
+    async def ws_echo(request: web.BaseRequest) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(f"echo {message.data} via {request.raw_path}")
+        return ws
+
+    aiohttp_server = web.Server(ws_echo, handler_cancellation=True)
+
+    async def upgrade(request: Request) -> None:
+        head = request.head_bytes()
+        transport, rest = request.detach()
+        protocol = aiohttp_server()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(head + rest)
+        transport.resume_reading()
+
+    served = await serve(upgrade)
+    try:
+        async with aiohttp.ClientSession() as client:
+            url = f"http://127.0.0.1:{served.port}/ws/x?y=%2F"
+            async with client.ws_connect(URL(url, encoded=True)) as ws:
+                for text in ("one", "two"):
+                    await ws.send_str(text)
+                    assert await ws.receive_str(timeout=5) == f"echo {text} via /ws/x?y=%2F"
+    finally:
+        await aiohttp_server.shutdown(1.0)
+
+
+async def test_a_slow_reader_holds_a_streamed_answer_back(serve: Serve) -> None:
+    size, block = 64 * 1024 * 1024, b"z" * (1024 * 1024)
+    written = 0
+
+    async def download(request: Request) -> None:
+        nonlocal written
+        request.start(200, "OK", [], content_length=size)
+        for _ in range(size // len(block)):
+            await request.write(block)
+            written += len(block)
+        await request.end()
+
+    served = await serve(download)
+    tracemalloc.start()
+    try:
+        reader, writer = await served.connect()
+        writer.write(GET)
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(1024 * 1024)
+        await wait_for(lambda: not next(iter(served.http._connections))._writable, what="paused")
+        assert written < 16 * 1024 * 1024  # the handler waits for the client
+        got = 1024 * 1024
+        while got < size:
+            got += len(await reader.read(1024 * 1024))
+            await asyncio.sleep(0)
+        _, peak = tracemalloc.get_traced_memory()
+        writer.close()
+    finally:
+        tracemalloc.stop()
+    assert b"Content-Length: 67108864" in head and got == size and written == size
+    assert peak < 12 * 1024 * 1024, peak
 
 
 async def test_an_upgrade_the_handler_refuses_is_answered_and_closed(serve: Serve) -> None:
