@@ -53,8 +53,9 @@ class Request:
     __slots__ = (
         "_body_started", "_buffer", "_buffered", "_channel", "_chunked_out", "_continue_sent",
         "_eof", "_error", "_expect_continue", "_headers", "_high_water", "_keep_alive",
-        "_no_body", "_pending", "_remaining", "_state", "_waiter", "body_timeout", "chunked",
-        "content_length", "method", "raw_headers", "raw_target", "remote", "upgrade", "version",
+        "_no_body", "_remaining", "_state", "_waiter", "body_timeout", "chunked",
+        "content_length", "method", "raw_headers", "raw_target", "remote", "target", "upgrade",
+        "version",
     )  # fmt: skip
 
     def __init__(
@@ -77,6 +78,8 @@ class Request:
         self._channel = channel
         self.method = method
         self.raw_target = raw_target
+        # The request-target exactly as on the request line (llhttp admits only ASCII there).
+        self.target = raw_target.decode("latin-1")
         self.version = version
         self.raw_headers = raw_headers
         self.remote = remote
@@ -96,17 +99,11 @@ class Request:
         self._body_started = False
         self._continue_sent = False
         self._state = 0  # 0: no response yet, 1: streaming, 2: done
-        self._pending = b""  # a started response's head, sent with its first bytes
         self._chunked_out = False
         self._no_body = False
         self._remaining: int | None = None
 
     # --- the head ------------------------------------------------------------------------------
-
-    @property
-    def target(self) -> str:
-        """The request-target exactly as on the request line (llhttp admits only ASCII there)."""
-        return self.raw_target.decode("latin-1")
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -266,7 +263,7 @@ class Request:
     ) -> None:
         """Begin a streamed response: Content-Length when given, else chunked for HTTP/1.1
         clients and close-delimited for HTTP/1.0. For HEAD, 204 and 304 no body is sent (a given
-        length is still announced, except for 204). The head goes out with the first bytes."""
+        length is still announced, except for 204). The head is written at once."""
         self._check_new(status)
         self._no_body = status in BODYLESS or self.method == "HEAD"
         if status == 204:
@@ -282,8 +279,8 @@ class Request:
         else:
             self._keep_alive = False
             framing = self._framing(None)
-        self._pending = encode_head(status, reason, headers, framing)
         self._state = 1
+        self._channel.transport.write(encode_head(status, reason, headers, framing))
 
     async def write(self, chunk: bytes) -> None:
         """Send body bytes, waiting while the client reads slower than we write."""
@@ -300,11 +297,9 @@ class Request:
         if transport.is_closing():
             raise ConnectionResetError("the client connection is closed")
         if self._chunked_out:
-            data = b"".join((self._pending, b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            transport.write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")))
         else:
-            data = self._pending + chunk if self._pending else chunk
-        self._pending = b""
-        transport.write(data)
+            transport.write(chunk)
         await self._channel.drain()
 
     async def end(self) -> None:
@@ -314,11 +309,9 @@ class Request:
         if self._remaining:
             self.abort()
             raise ValueError("response body shorter than its Content-Length")
-        tail = self._pending + (_LAST_CHUNK if self._chunked_out else b"")
-        self._pending = b""
         self._state = 2
-        if tail:
-            self._channel.transport.write(tail)
+        if self._chunked_out:
+            self._channel.transport.write(_LAST_CHUNK)
         self._channel.response_done(self, self._keep_alive)
         await self._channel.drain()
 

@@ -354,6 +354,29 @@ async def test_streamed_answers_are_framed_for_each_client(serve: Serve) -> None
     assert raw.endswith(b"\r\nConnection: close\r\n\r\nabcdef") and b"chunked" not in raw
 
 
+async def test_a_streamed_head_goes_out_before_the_body(serve: Serve) -> None:
+    more = asyncio.Event()
+
+    async def long_poll(request: Request) -> None:
+        request.start(200, "OK", [(b"Content-Type", b"text/event-stream")])
+        await more.wait()  # e.g. an upstream that sends its head, then waits for an event
+        await request.write(b"data: 1\n\n")
+        await request.end()
+
+    served = await serve(long_poll)
+    reader, writer = await served.connect()
+    try:
+        writer.write(GET)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b"Transfer-Encoding: chunked" in head
+        more.set()
+        assert await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5) == (
+            b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+        )
+    finally:
+        writer.close()
+
+
 async def test_abort_resets_a_half_sent_answer(serve: Serve) -> None:
     async def failing(request: Request) -> None:
         request.start(200, "OK", [], content_length=100)
@@ -555,6 +578,35 @@ async def test_shutdown_closes_idle_connections_finishes_in_flight_and_refuses_n
     assert await stopping is True
     for w in (idle_writer, busy_writer, late_writer):
         w.close()
+
+
+async def test_close_idle_closes_only_connections_between_requests(serve: Serve) -> None:
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> None:
+        if request.target == "/slow":
+            entered.set()
+            await release.wait()
+        await request.respond(200, "OK", [], b"done")
+
+    served = await serve(slow)
+    idle_reader, idle_writer = await served.connect()
+    busy_reader, busy_writer = await served.connect()
+    try:
+        idle_writer.write(GET)
+        await read_response(idle_reader)
+        busy_writer.write(b"GET /slow HTTP/1.1\r\n\r\n")
+        await asyncio.wait_for(entered.wait(), 5)
+        assert served.http.close_idle() == 1
+        assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+        release.set()
+        answer = await read_response(busy_reader)  # not stopping: the busy one stays open
+        assert answer.body == b"done" and answer.header("Connection") is None
+        busy_writer.write(GET)
+        assert (await read_response(busy_reader)).status == 200
+    finally:
+        idle_writer.close()
+        busy_writer.close()
 
 
 async def test_shutdown_cancels_handlers_that_outlive_the_grace(serve: Serve) -> None:
