@@ -19,6 +19,7 @@ from signing_proxy.http_request import Request
 from signing_proxy.http_server import HttpServer, ServerLimits
 
 from ..helpers import wait_for
+from ..test_fuzz import requests as fuzzed_requests
 from ..test_hostile import SMUGGLING
 from .http_server_kit import Serve, echo, error_of, exchange, read_response, servers, status_of
 
@@ -307,6 +308,24 @@ def test_raw_bytes_get_a_well_formed_answer_or_a_close(
         assert raw[9:12] in (b"200", b"400", b"431", b"501", b"505"), (request, raw)
         if not raw.startswith(b"HTTP/1.1 200"):
             error_of(raw)
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@given(data=st.data())
+def test_fuzzed_requests_get_a_well_formed_answer(threaded: _Thread, data: st.DataObject) -> None:
+    """test_fuzz.py's request generator (methods, targets, versions, headers, every framing)."""
+    request = data.draw(fuzzed_requests(1))
+    with socket.create_connection(("127.0.0.1", threaded.port), timeout=10) as sock:
+        with contextlib.suppress(ConnectionError):
+            sock.sendall(request)
+        raw = b""
+        with contextlib.suppress(ConnectionResetError):
+            while (chunk := sock.recv(65536)) and not _whole(raw := raw + chunk):
+                pass
+    assert raw[9:12] in (b"200", b"400", b"431", b"501", b"505"), (request, raw)
+    if not raw.startswith(b"HTTP/1.1 200"):
+        error_of(raw)
 
 
 def _whole(raw: bytes) -> bool:
