@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["Refusal", "RequestReader", "Sink"]
 
 _VERSIONS: Final = {"1.1": (1, 1), "1.0": (1, 0)}
+_OWS: Final = frozenset(b" \t")
 _FRAMING: Final = frozenset({14, 17, 6})  # len("content-length"), "transfer-encoding", "expect"
 
 
@@ -84,6 +85,9 @@ class RequestReader:
         self.head_bytes = 0  # bytes fed since the head began (0: none yet)
         self.current: Request | None = None  # the request whose body is being read
         self._max_head = limits.max_header_bytes + limits.max_line_bytes + 4096
+        self._max_field = limits.max_field_bytes - 2  # name + value, without ": "
+        self._max_total = limits.max_header_bytes
+        self._max_count = limits.max_headers
         self._stalled = 0
         self._progress = False
         self._url = b""
@@ -152,19 +156,17 @@ class RequestReader:
         if not self.in_head:
             return  # a trailer: not forwarded, and bounded by the stall check
         size = len(name) + len(value)
-        if size + 2 > self.limits.max_field_bytes:
-            raise Refusal(
-                400, "bad_request", f"a header line is over {self.limits.max_field_bytes} bytes"
-            )
         self._header_bytes += size + 4
-        if self._header_bytes > self.limits.max_header_bytes:
-            raise too_large(self._header_bytes, self.limits.max_header_bytes)
-        if value[-1:] in (b" ", b"\t"):
-            value = value.rstrip(b" \t")  # llhttp strips leading whitespace only
         headers = self._headers
+        if (
+            size > self._max_field
+            or self._header_bytes > self._max_total
+            or len(headers) >= self._max_count
+        ):
+            self._over_limit(size)
+        if value and value[-1] in _OWS:
+            value = value.rstrip(b" \t")  # llhttp strips leading whitespace only
         headers.append((name, value))
-        if len(headers) > self.limits.max_headers:
-            raise Refusal(400, "bad_request", f"more than {self.limits.max_headers} headers")
         if len(name) in _FRAMING:
             lower = name.lower()
             if lower == b"content-length":
@@ -173,6 +175,16 @@ class RequestReader:
                 self._coding = value if self._coding is None else self._coding + b"," + value
             elif lower == b"expect":
                 self._expect = value.lower() == b"100-continue"
+
+    def _over_limit(self, size: int) -> None:
+        limits = self.limits
+        if size > self._max_field:
+            raise Refusal(
+                400, "bad_request", f"a header line is over {limits.max_field_bytes} bytes"
+            )
+        if self._header_bytes > self._max_total:
+            raise too_large(self._header_bytes, limits.max_header_bytes)
+        raise Refusal(400, "bad_request", f"more than {limits.max_headers} headers")
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -207,9 +219,9 @@ class RequestReader:
             )  # fmt: skip
         self.current = Request(
             sink, parser.get_method().decode("ascii"), self._url, version, self._headers,
-            remote=sink.remote, content_length=self._content_length, chunked=chunked,
-            keep_alive=parser.should_keep_alive(), expect_continue=self._expect and version >= (1, 1),
-            upgrade=upgrade, high_water=limits.read_high_water, body_timeout=limits.body_timeout,
+            sink.remote, self._content_length, chunked, parser.should_keep_alive(),
+            self._expect and version >= (1, 1), upgrade, limits.read_high_water,
+            limits.body_timeout,
         )  # fmt: skip
         sink.dispatch(self.current)
 

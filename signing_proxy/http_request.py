@@ -65,7 +65,6 @@ class Request:
         raw_target: bytes,
         version: tuple[int, int],
         raw_headers: list[tuple[bytes, bytes]],
-        *,
         remote: str | None,
         content_length: int | None,
         chunked: bool,
