@@ -60,9 +60,17 @@ class ServerLimits:
 class HttpServer:
     """Protocol factory plus what a graceful stop needs: live connections and handlers."""
 
-    def __init__(self, handler: Handler, limits: ServerLimits | None = None):
+    def __init__(
+        self,
+        handler: Handler,
+        limits: ServerLimits | None = None,
+        *,
+        on_refusal: Callable[[int, str], None] | None = None,
+    ):
         self.handler = handler
         self.limits = limits or ServerLimits()
+        # Told (status, error code) of every answer the server makes itself: for metrics.
+        self.on_refusal = on_refusal
         self.stopping = False
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -212,6 +220,8 @@ class Connection(asyncio.Protocol):
         if isinstance(item, Refusal):
             self.transport.write(item.answer())
             self._close_lingering()
+            if self.server.on_refusal is not None:
+                self.server.on_refusal(item.status, item.code)
             return
         self._active = item
         task = self._task = self.loop.create_task(self._run(item))
@@ -232,6 +242,8 @@ class Connection(asyncio.Protocol):
                 error_answer(500, "internal_error", "the request handler did not answer")
             )
             self._close_lingering()
+            if self.server.on_refusal is not None:
+                self.server.on_refusal(500, "internal_error")
 
     def response_done(self, request: Request, keep_alive: bool) -> None:
         if request is not self._active:

@@ -115,6 +115,15 @@ async def test_broken_and_oversized_heads_are_refused_in_json(
     assert b"aaaa" not in raw and b"Injected" not in raw  # the client's bytes never come back
 
 
+async def test_refusals_are_reported_for_metrics(serve: Serve) -> None:
+    seen: list[tuple[int, str]] = []
+    served = await serve()
+    served.http.on_refusal = lambda status, code: seen.append((status, code))
+    await exchange(served.port, b"GET /x HTTP/2.0\r\n\r\n")
+    await exchange(served.port, b"get /x HTTP/1.1\r\n\r\n")
+    assert seen == [(505, "http_version_not_supported"), (400, "bad_method")]
+
+
 async def test_refusal_of_a_pipelined_request_waits_for_the_answers_before_it(
     serve: Serve,
 ) -> None:
