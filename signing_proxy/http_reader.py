@@ -9,7 +9,8 @@ target, known upper-case methods), it refuses:
 
 - a request line over ``max_line_bytes`` or a header line over ``max_field_bytes`` (400), more
   than ``max_headers`` headers (400), header lines over ``max_header_bytes`` in total (431);
-- versions other than HTTP/1.0 and 1.1 (505: llhttp reads ``GET /x`` as HTTP/0.9), an empty
+- versions other than HTTP/1.0 and 1.1 (505: llhttp reads ``GET /x`` as HTTP/0.9, and
+  ``RTSP/1.0`` or ``ICE/1.0`` as 1.0, so those request lines are looked at again), an empty
   target (400), Transfer-Encoding other than ``chunked`` alone (501 when chunked comes last,
   else 400), an Upgrade or CONNECT request that announces a body (400);
 - more than ``max_header_bytes`` that reach no callback (a header value, chunk extensions or
@@ -21,6 +22,7 @@ as its handler may already be reading it.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Final, Protocol
 
 import httptools
@@ -84,6 +86,8 @@ class RequestReader:
         self.in_head = True  # between requests, or inside a head
         self.head_bytes = 0  # bytes fed since the head began (0: none yet)
         self.current: Request | None = None  # the request whose body is being read
+        self._data = b""  # the bytes being fed
+        self._line: list[bytes] | None = None  # the bytes fed since the head began
         self._max_head = limits.max_header_bytes + limits.max_line_bytes + 4096
         self._max_field = limits.max_field_bytes - 2  # name + value, without ": "
         self._max_total = limits.max_header_bytes
@@ -105,6 +109,9 @@ class RequestReader:
             return None
         if self.in_head:
             self.head_bytes += len(data)
+            if self._line is not None:
+                self._line.append(data)
+        self._data = data
         self._progress = False
         try:
             parser.feed_data(data)
@@ -136,6 +143,7 @@ class RequestReader:
         self._progress = True
         if self.sink.waiting() >= self.limits.max_pipelined:
             raise Refusal(400, "bad_request", "too many pipelined requests")
+        self._line = [self._data]  # where this request line is, for the RTSP check
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -193,6 +201,9 @@ class RequestReader:
         if not self._url:
             raise Refusal(400, "bad_request", "the request line has no target")
         version = _VERSIONS.get(parser.get_http_version())
+        line, self._line = self._line, None
+        if version == (1, 0) and line is not None and _not_http(line, self._url):
+            version = None  # llhttp reports RTSP/1.0 and ICE/1.0 as version 1.0
         if version is None:
             raise Refusal(
                 505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are supported"
@@ -240,6 +251,11 @@ class RequestReader:
             self.current = None
         self.in_head = True
         self.head_bytes = 0
+
+
+def _not_http(chunks: list[bytes], url: bytes) -> bool:
+    """Whether the request line that carried ``url`` named another protocol than HTTP."""
+    return re.search(re.escape(url) + rb" +(?:RTSP|ICE)/", b"".join(chunks)) is not None
 
 
 def _refusal_for(exc: httptools.HttpParserError) -> Refusal:

@@ -71,6 +71,9 @@ async def test_ambiguous_framing_is_refused_before_any_handler(
         ),
         (b"GET /x HTTP/2.0\r\nHost: p\r\n\r\n", 505, "http_version_not_supported"),
         (b"GET /x HTTP/1.2\r\nHost: p\r\n\r\n", 400, "bad_request"),
+        (b"GET /x RTSP/1.0\r\nHost: p\r\n\r\n", 505, "http_version_not_supported"),
+        (b"GET /x  RTSP/1.0\r\nHost: p\r\n\r\n", 505, "http_version_not_supported"),
+        (b"SOURCE /x ICE/1.0\r\nHost: p\r\n\r\n", 505, "http_version_not_supported"),
         (b"GET /api/v3/x\x00 HTTP/1.1\r\nHost: p\r\n\r\n", 400, "bad_request"),
         (b"GET /\xc3\xa9 HTTP/1.1\r\nHost: p\r\n\r\n", 400, "bad_request"),  # raw UTF-8
         (b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400, "bad_request"),
@@ -113,6 +116,23 @@ async def test_broken_and_oversized_heads_are_refused_in_json(
     assert error["error"] == code
     assert handler.calls == 0
     assert b"aaaa" not in raw and b"Injected" not in raw  # the client's bytes never come back
+
+
+async def test_http_10_is_still_http_after_a_body_and_in_a_dribbled_line(serve: Serve) -> None:
+    served = await serve()
+    reader, writer = await served.connect()
+    try:
+        writer.write(b"POST /a HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi")
+        writer.write(b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")  # pipelined
+        assert (await read_response(reader)).json()["body_len"] == 2
+        assert (await read_response(reader)).json()["target"] == "/b"
+        for part in (b"GET /c", b" HTT", b"P/1.0\r\nConnection: keep-alive\r\n", b"\r\n"):
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.01)  # in separate reads, as a slow client sends it
+        assert (await read_response(reader)).json()["version"] == [1, 0]
+    finally:
+        writer.close()
 
 
 async def test_refusals_are_reported_for_metrics(serve: Serve) -> None:
