@@ -109,7 +109,7 @@ class HttpServer:
         if self._tasks:
             for task in self._tasks:
                 task.cancel()
-            await asyncio.wait(set(self._tasks))
+            await asyncio.wait(set(self._tasks), timeout=grace)  # bounded, even for a stubborn one
         return finished
 
 
