@@ -222,8 +222,11 @@ class Request:
 
     def _framing(self, length: int | None) -> list[bytes]:
         lines = [] if length is None else [b"Content-Length: %d\r\n" % length]
-        # A body not fully received: its remaining bytes would be parsed as the next request.
-        if not (self._keep_alive and self._eof and self._channel.may_keep_alive()):
+        # A body not fully received: its remaining bytes would be parsed as the next request;
+        # after an Upgrade request they belong to the other protocol (here refused).
+        if not (
+            self._keep_alive and self._eof and not self.upgrade and self._channel.may_keep_alive()
+        ):
             self._keep_alive = False
             lines.append(_CLOSE)
         elif self.version == (1, 0):

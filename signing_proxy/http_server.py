@@ -264,7 +264,7 @@ class Connection(asyncio.Protocol):
                 self._idle_deadline = None
 
     def may_keep_alive(self) -> bool:
-        return not (self.server.stopping or self.lingering or self._upgrade is not None)
+        return not (self.server.stopping or self.lingering)
 
     def close_if_idle(self) -> int:
         if self._active is None and not self._queue and not self.lingering:

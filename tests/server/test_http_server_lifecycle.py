@@ -21,7 +21,7 @@ from yarl import URL
 from signing_proxy.http_request import Request
 
 from ..helpers import wait_for
-from .http_server_kit import JSON, Serve, exchange, read_response, servers, status_of
+from .http_server_kit import JSON, Serve, echo, exchange, read_response, servers, status_of
 
 
 @pytest.fixture
@@ -166,6 +166,25 @@ async def test_a_slow_reader_holds_a_streamed_answer_back(serve: Serve) -> None:
         tracemalloc.stop()
     assert b"Content-Length: 67108864" in head and got == size and written == size
     assert peak < 12 * 1024 * 1024, peak
+
+
+async def test_an_upgrade_pipelined_behind_a_request_waits_its_turn(serve: Serve) -> None:
+    async def both(request: Request) -> None:
+        if not request.upgrade:
+            await echo(request)
+            return
+        transport, rest = request.detach()
+        transport.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n<" + rest + b">")
+        transport.close()
+
+    served = await serve(both)
+    raw = await exchange(
+        served.port,
+        GET + b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nframes",
+    )
+    first, _, rest = raw.partition(b"HTTP/1.1 101")
+    assert status_of(first) == 200 and b"Connection: close" not in first
+    assert rest.endswith(b"\r\n\r\n<frames>")
 
 
 async def test_an_upgrade_the_handler_refuses_is_answered_and_closed(serve: Serve) -> None:
