@@ -9,7 +9,7 @@ answers ``Expect: 100-continue`` when the handler says so, and writes the respon
   Content-Length, chunked (HTTP/1.1) or the connection's close (HTTP/1.0);
 - ``abort()``: reset the connection (an upstream that failed mid-body);
 - ``close_after_response()``: the connection closes after this answer (and an unread body is
-  never read); ``detach()`` hands an Upgrade request's connection to a new owner.
+  never parsed); ``detach()`` hands an Upgrade request's connection to a new owner.
 
 Headers passed to the response methods are the caller's: the server adds only the framing
 (Content-Length / Transfer-Encoding) and Connection, so callers must not pass those.
@@ -217,7 +217,8 @@ class Request:
         return self._state == 2
 
     def close_after_response(self) -> None:
-        """Close the connection after this answer; an unread body is then never read."""
+        """Close the connection after this answer; an unread body is then never parsed (what
+        still arrives is dropped for a moment, so the client gets the answer, not a reset)."""
         self._keep_alive = False
 
     def _framing(self, length: int | None) -> list[bytes]:

@@ -12,6 +12,7 @@ is ``async def handler(request: Request) -> None`` and answers through the reque
 - the request head must be complete within ``header_timeout`` of the connection's start or of
   the previous answer, and the first byte must come within ``idle_timeout``: otherwise the
   connection is closed without an answer (slowloris);
+- a client that leaves cancels its request's handler (unless its answer was complete);
 - what the listener refuses itself (http_reader.py) gets one JSON line (``{"error": code,
   "message": ...}``), after the answers to the requests before it, and the connection closes;
 - beyond ``max_connections`` a connection is still accepted, its request answered 503 and closed:
