@@ -27,6 +27,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import WSMessage, WSMsgType
 
+from . import strict_json
 from .credentials import CredentialStore
 from .errors import ProxyError, SigningError, UpstreamError
 from .metrics import ProxyMetrics
@@ -51,20 +52,6 @@ RESERVED_ID_BASE: Final = 9_007_199_254_000_000
 RESERVED_IDS: Final = range(RESERVED_ID_BASE, RESERVED_ID_BASE + 700_000)
 _MARK: Final = str(RESERVED_ID_BASE)[:10]  # every reserved id starts with these digits
 _REFUSED_CODE: Final = -32600  # JSON-RPC "Invalid Request"
-
-
-class _Duplicate(ValueError):
-    pass
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found = dict(pairs)
-    if len(found) != len(pairs):
-        raise _Duplicate
-    return found
-
-
-_STRICT: Final = json.JSONDecoder(object_pairs_hook=_unique)  # built once: loads(**kw) is not
 
 
 def _error(call_id: Any, code: int, message: str) -> str:
@@ -171,7 +158,7 @@ class SocketAuth:
         reaches the gateway from the client.
         """
         try:
-            data = _STRICT.decode(text)
+            data = strict_json.loads(text)
         except (ValueError, RecursionError):
             return _error(
                 None, -32700, "not relayed: not one JSON-RPC message (plain JSON, each key once)"

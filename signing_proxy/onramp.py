@@ -37,6 +37,7 @@ __all__ = [
     "build_onramp_url",
     "check_amount",
     "check_client_ip",
+    "post_signed_json",
     "request_session_token",
     "session_token_for_config",
     "token_request_body",
@@ -178,6 +179,34 @@ def _coinbase_message(body: bytes) -> str:
     return (text[:_SHOWN_BODY] + "…") if len(text) > _SHOWN_BODY else (text or "(empty body)")
 
 
+async def post_signed_json(
+    session: aiohttp.ClientSession,
+    endpoint: UpstreamEndpoint,
+    signer: Signer,
+    path: str,
+    payload: Any,
+) -> tuple[int, str, bytes]:
+    """POST ``payload`` as JSON to ``endpoint`` + ``path``, signed by ``signer``; the answer's
+    status, reason and body. Connection failures become UpstreamError (the proxy's codes)."""
+    host = endpoint.config.name
+    body = json.dumps(payload).encode()
+    headers = {"Host": host, "Content-Type": "application/json", "Accept": "application/json"}
+    headers.update(signer.sign("POST", host, path, "", body))
+    try:
+        async with session.post(
+            URL(endpoint.origin + path, encoded=True),
+            data=body,
+            headers=headers,
+            ssl=endpoint.ssl,
+            server_hostname=endpoint.server_hostname,
+            timeout=endpoint.timeout,
+            allow_redirects=False,
+        ) as response:
+            return response.status, response.reason or "", await response.read()
+    except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+        raise translate_client_error(exc, host, endpoint.config.timeout) from None
+
+
 async def request_session_token(
     session: aiohttp.ClientSession,
     endpoint: UpstreamEndpoint,
@@ -189,24 +218,9 @@ async def request_session_token(
 ) -> str:
     """POST /onramp/v1/token to ``endpoint``, signed by ``signer``; the token, or UpstreamError."""
     host = endpoint.config.name
-    body = json.dumps(token_request_body(addresses, assets, client_ip)).encode()
-    headers = {"Host": host, "Content-Type": "application/json", "Accept": "application/json"}
-    headers.update(signer.sign("POST", host, TOKEN_PATH, "", body))
-    timeout = endpoint.config.timeout
-    try:
-        async with session.post(
-            URL(endpoint.origin + TOKEN_PATH, encoded=True),
-            data=body,
-            headers=headers,
-            ssl=endpoint.ssl,
-            server_hostname=endpoint.server_hostname,
-            timeout=endpoint.timeout,
-            allow_redirects=False,
-        ) as response:
-            answer = await response.read()
-            status, reason = response.status, response.reason or ""
-    except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
-        raise translate_client_error(exc, host, timeout) from None
+    status, reason, answer = await post_signed_json(
+        session, endpoint, signer, TOKEN_PATH, token_request_body(addresses, assets, client_ip)
+    )
     if status != 200:
         raise UpstreamError(
             f"{host} answered {status} {reason}: {_coinbase_message(answer)}",

@@ -16,13 +16,12 @@ import ssl
 from typing import Any, Final
 
 import aiohttp
-from yarl import URL
 
 from .config import Config
 from .credentials import CredentialStore
 from .errors import ConfigError, ProxyError, UpstreamError
-from .onramp import Amount, check_amount, check_client_ip
-from .relay import UpstreamEndpoint, create_session, translate_client_error
+from .onramp import Amount, check_amount, check_client_ip, post_signed_json
+from .relay import UpstreamEndpoint, create_session
 from .signers import Clock, Signer
 from .wallet_rules import CDP_HOST
 
@@ -93,22 +92,9 @@ async def create_onramp_session(
     ``fields`` are ``session_request_body``'s arguments.
     """
     host = endpoint.config.name
-    body = json.dumps(session_request_body(**fields)).encode()
-    headers = {"Host": host, "Content-Type": "application/json", "Accept": "application/json"}
-    headers.update(signer.sign("POST", host, SESSIONS_PATH, "", body))
-    try:
-        async with session.post(
-            URL(endpoint.origin + SESSIONS_PATH, encoded=True),
-            data=body,
-            headers=headers,
-            ssl=endpoint.ssl,
-            timeout=endpoint.timeout,
-            allow_redirects=False,
-        ) as response:
-            answer = await response.read()
-            status, reason = response.status, response.reason or ""
-    except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
-        raise translate_client_error(exc, host, endpoint.config.timeout) from None
+    status, reason, answer = await post_signed_json(
+        session, endpoint, signer, SESSIONS_PATH, session_request_body(**fields)
+    )
     if status not in (200, 201):
         raise UpstreamError(
             f"{host} answered {status} {reason}: {_message(answer)}",

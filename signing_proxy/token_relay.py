@@ -21,12 +21,13 @@ import json
 import logging
 import ssl
 import time
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from . import strict_json
 from .answer import client_head, stream_body
 from .errors import RequestRejected
 from .http_request import Request
@@ -50,21 +51,6 @@ _PRIVATE: Final = "private/"
 _PEEK_BYTES: Final = 64 * 1024  # answers up to this size are read whole (and checked)
 
 
-class _Duplicate(ValueError):
-    pass
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """JSON objects with a key twice are refused: parsers disagree on which one counts."""
-    found = dict(pairs)
-    if len(found) != len(pairs):
-        raise _Duplicate
-    return found
-
-
-_STRICT: Final = json.JSONDecoder(object_pairs_hook=_unique)  # built once: loads(**kw) is not
-
-
 def _refused(message: str, code: str = "jsonrpc_method_mismatch") -> RequestRejected:
     return RequestRejected(message, code=code)
 
@@ -80,8 +66,8 @@ def rpc_method(path: str, body: bytes) -> str | None:
     in_body: str | None = None
     if body.strip():
         try:
-            call = _STRICT.decode(body.decode())
-        except _Duplicate:
+            call = strict_json.loads(body.decode())
+        except strict_json.DuplicateKey:
             raise _refused("the JSON body has a key twice", "jsonrpc_body_refused") from None
         except (ValueError, RecursionError):
             call = None  # not JSON: the gateway will say so (unless it is a private call)

@@ -221,7 +221,11 @@ def test_no_wallet_secret_refuses_required_and_passes_optional(
     assert "credential 'trading'" in info.value.message
     method, path = concrete(OPTIONAL_OPERATIONS[0])
     assert set(signer.sign(method, HOST, path, "", None)) == {"Authorization"}
-    assert not signer.needs_body("POST", HOST, "/platform/v2/evm/accounts")
+    # Asked before the body (and before any 100 Continue): the same refusal, at once.
+    with pytest.raises(RequestRejected) as early:
+        signer.needs_body("POST", HOST, "/platform/v2/evm/accounts")
+    assert early.value.code == "wallet_secret_required"
+    assert not signer.needs_body(method, HOST, path)  # optional: no secret, no body needed
 
 
 # --- config ---------------------------------------------------------------------------------
