@@ -1,13 +1,14 @@
 """The two listeners and their lifecycle.
 
-- proxy listener (``listen``): aiohttp's low-level Server hands every request to ProxyHandler,
-  CONNECT and absolute-form targets included (a proxy has no use for a router);
+- proxy listener (``listen``): the listener's own HTTP/1.1 server (http_server.py) hands every
+  request to ProxyHandler, CONNECT and absolute-form targets included; WebSocket upgrades go on
+  to aiohttp (ws_handoff.py);
 - admin listener (``admin_listen``): /healthz, /readyz, /metrics.
 
-``ProxyServer`` starts both and stops them gracefully (aiohttp's documented order): readiness
-turns 503 at once; the listener keeps accepting for ``min_drain`` seconds (for load balancers
-still routing here); then it stops accepting, in-flight requests get up to ``drain_timeout`` to
-finish, on_shutdown hooks close WebSockets, and everything is cleaned up.
+``ProxyServer`` starts both and stops them gracefully: readiness turns 503 at once; the listener
+keeps accepting for ``min_drain`` seconds (for load balancers still routing here); then it stops
+accepting and closes idle connections, on_shutdown hooks close WebSockets (1001), in-flight
+requests get up to ``drain_timeout`` to finish, and everything is cleaned up.
 
 With ``--workers N`` each worker process runs one ProxyServer with ``reuse_port`` (the kernel
 spreads connections over them) and serves metrics aggregated over all workers from
@@ -47,6 +48,7 @@ from .credentials import (
 )
 from .errors import JSON_CONTENT_TYPE, ConfigError, CredentialError
 from .guard import reap_orphans
+from .http_server import HttpServer, ServerLimits
 from .logs import AccessLog
 from .malformed import SERVER_LOGGER, MalformedRequestFilter
 from .metrics import ProxyMetrics
@@ -95,22 +97,6 @@ def _flusher(access_log: AccessLog) -> Callable[[], Awaitable[None]]:
         access_log.flush()
 
     return flush
-
-
-class _ProxyRunner(web.ServerRunner):
-    """aiohttp's low-level server runner, with the proxy's shutdown hooks in aiohttp's order:
-    stop accepting, close idle keep-alive connections, run the hooks (e.g. close WebSockets with
-    GOING_AWAY), wait up to drain_timeout for in-flight requests, clean up."""
-
-    def __init__(
-        self, server: web.Server, hooks: list[Callable[[], Awaitable[None]]], **kwargs: Any
-    ):
-        super().__init__(server, **kwargs)
-        self._hooks = hooks
-
-    async def shutdown(self) -> None:
-        for hook in self._hooks:
-            await hook()
 
 
 def _described(info: CredentialInfo) -> dict[str, Any]:
@@ -179,7 +165,9 @@ class ProxyServer:
         if multiprocess_dir is not None:  # metrics of every worker, read from their mmap files
             self.exposition = CollectorRegistry()
             MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
-        self._runners: list[web.BaseRunner] = []
+        self._runners: list[web.BaseRunner] = []  # the admin listener
+        self._http: HttpServer | None = None  # the proxy listener
+        self._listener: asyncio.Server | None = None
         self._session: aiohttp.ClientSession | None = None
         self._guards: list[asyncio.Task[None]] = []
         self._watcher: asyncio.Task[None] | None = None
@@ -217,7 +205,7 @@ class ProxyServer:
             access_log = AccessLog(config.log_format, self.state.access_log_stream)
         return ProxyHandler(
             self.state.router, self.state.credentials, relay, self.metrics, token, access_log,
-            topper=topper, max_header_bytes=config.max_header_bytes,
+            topper=topper,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -241,61 +229,47 @@ class ProxyServer:
             self.state.on_shutdown.append(_flusher(handler.access_log))
         # Open WebSockets would hold the drain: close them with 1001 at the shutdown step.
         self.state.on_shutdown.append(handler.websockets.close_all)
-        # The proxy listener is aiohttp's low-level Server: a proxy has no routes, and an
-        # Application's router would build a 404 for every request (CONNECT and absolute-form
-        # targets included) before a middleware could take it; measured at ~12% of CPU.
-        runners: list[tuple[web.BaseRunner, ListenAddress]] = [
-            (
-                _ProxyRunner(
-                    web.Server(
-                        handler,
-                        access_log=None,  # ProxyHandler writes the access log
-                        # A client that leaves cancels its request, and so the upstream request.
-                        handler_cancellation=True,
-                        # aiohttp has no separate header timeout: this bounds both the wait for a
-                        # complete request head (slowloris) and idle keep-alive connections.
-                        keepalive_timeout=self.config.header_timeout,
-                        # Bodies pass through as the client sent them: never inflated on the proxy
-                        # (a desync if Content-Length described the other form; CPU for anyone).
-                        auto_decompress=False,
-                    ),
-                    self.state.on_shutdown,
-                    shutdown_timeout=self.config.drain_timeout,
-                ),
-                self.config.listen,
-            ),
-            (
-                web.AppRunner(
-                    build_admin_app(self.state, self.exposition),
-                    access_log=None,
-                    shutdown_timeout=self.config.drain_timeout,
-                    handler_cancellation=True,
-                    keepalive_timeout=self.config.header_timeout,
-                    auto_decompress=False,
-                ),
-                self.config.admin_listen,
-            ),
-        ]
-        for runner, address in runners:
-            await runner.setup()
-            self._runners.append(runner)
-            self._guards.append(asyncio.create_task(reap_orphans(runner)))
-            site = web.TCPSite(
-                runner, address.host, address.port, reuse_port=self.reuse_port or None
-            )
-            try:
-                await site.start()
-            except OSError as exc:  # a busy port or a foreign address: one clear line, no trace
-                field = "listen" if address is self.config.listen else "admin_listen"
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                if exc.errno == errno.EADDRINUSE:
-                    reason += "; is another signing-proxy running?"
-                raise ConfigError(f"{field}: cannot listen on {address} ({reason})") from None
         # Parser refusals: one WARNING per kind a minute and a counter, not a traceback each.
         self._malformed = MalformedRequestFilter(
             lambda kind: self.metrics.malformed_requests.labels(kind).inc()
         )
         logging.getLogger(SERVER_LOGGER).addFilter(self._malformed)
+        refused = self._malformed.refused
+        self._http = HttpServer(
+            handler,
+            ServerLimits(
+                max_header_bytes=self.config.max_header_bytes,
+                # One bound for a slow head (slowloris) and an idle keep-alive connection.
+                header_timeout=self.config.header_timeout,
+                idle_timeout=self.config.header_timeout,
+            ),
+            on_refusal=lambda status, code: refused(code, status),
+        )
+        loop = asyncio.get_running_loop()
+        address = self.config.listen
+        try:
+            self._listener = await loop.create_server(
+                self._http, address.host, address.port, reuse_port=self.reuse_port or None
+            )
+        except OSError as exc:
+            raise _listen_error("listen", address, exc) from None
+        admin = web.AppRunner(
+            build_admin_app(self.state, self.exposition),
+            access_log=None,
+            shutdown_timeout=self.config.drain_timeout,
+            handler_cancellation=True,
+            keepalive_timeout=self.config.header_timeout,
+            auto_decompress=False,
+        )
+        await admin.setup()
+        self._runners.append(admin)
+        self._guards.append(asyncio.create_task(reap_orphans(admin)))
+        address = self.config.admin_listen
+        site = web.TCPSite(admin, address.host, address.port, reuse_port=self.reuse_port or None)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise _listen_error("admin_listen", address, exc) from None
         # Key rotation without restart: poll the key files, reload what changed.
         watcher = CredentialWatcher(
             self.state.credentials, lambda c, e: _on_reload(self.state, c, e)
@@ -314,8 +288,16 @@ class ProxyServer:
 
     def port(self, index: int = 0) -> int:
         """The bound port of listener ``index`` (0: proxy, 1: admin); useful with port 0."""
-        address = self._runners[index].addresses[0]
+        if index == 0:
+            assert self._listener is not None
+            return int(self._listener.sockets[0].getsockname()[1])
+        address = self._runners[index - 1].addresses[0]
         return int(address[1])
+
+    @property
+    def http(self) -> HttpServer | None:
+        """The proxy listener's server (connections, requests in flight)."""
+        return self._http
 
     async def stop(self, *, min_drain: float = 0.0) -> None:
         """Not ready at once; keep accepting for ``min_drain`` s; then stop accepting and let
@@ -330,11 +312,19 @@ class ProxyServer:
         if self._malformed is not None:
             logging.getLogger(SERVER_LOGGER).removeFilter(self._malformed)
             self._malformed = None
-        if min_drain > 0 and self._runners:
+        if min_drain > 0 and self._listener is not None:
             log.info(
                 "draining: not ready, still accepting", extra={"fields": {"min_drain": min_drain}}
             )
             await asyncio.sleep(min_drain)
+        if self._listener is not None and self._http is not None:
+            self._listener.close()  # stop accepting
+            self._http.stopping = True
+            self._http.close_idle()
+            for hook in self.state.on_shutdown:  # e.g. close WebSockets with GOING_AWAY
+                await hook()
+            await self._http.shutdown(self.config.drain_timeout)
+        self._listener = self._http = None
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -348,6 +338,14 @@ class ProxyServer:
         if self.state.handler is not None and self.state.handler.access_log is not None:
             self.state.handler.access_log.flush()  # lines of requests that finished while draining
         self.state.handler = None
+
+
+def _listen_error(field: str, address: ListenAddress, exc: OSError) -> ConfigError:
+    """A busy port or a foreign address: one clear line, no trace."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        reason += "; is another signing-proxy running?"
+    return ConfigError(f"{field}: cannot listen on {address} ({reason})")
 
 
 def _release_startup_memory() -> None:

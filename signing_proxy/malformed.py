@@ -1,4 +1,7 @@
-"""Malformed requests that aiohttp's HTTP parser refuses: one short WARNING per kind, and a count.
+"""Malformed requests the HTTP parsers refuse: one short WARNING per kind, and a count.
+
+The proxy listener's own server reports its refusals through ``refused(kind, status)`` (kind: the
+error code it answered, e.g. ``bad_request``, ``headers_too_large``). On the admin listener:
 
 aiohttp answers such a request with a plain 400 before any proxy code runs, and logs
 ``aiohttp.server`` ERROR "Error handling request" with a whole traceback each time: any client
@@ -44,16 +47,20 @@ class MalformedRequestFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True  # not a parser refusal: aiohttp's record as it is
-        kind = type(exc).__name__
+        client = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        self.refused(type(exc).__name__, exc.code or 400, client)
+        return False
+
+    def refused(self, kind: str, status: int, client: object = None) -> None:
+        """Count one refusal of ``kind``; warn unless that kind warned within the interval."""
         self._count(kind)
         now = self._clock()
         last = self._last.get(kind)
         if last is not None and now - last < self._interval:
             self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            return False
+            return
         self._last[kind] = now
-        fields: dict[str, object] = {"kind": kind, "status": exc.code or 400}
-        client = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        fields: dict[str, object] = {"kind": kind, "status": status}
         if client is not None:
             fields["client"] = client
         suppressed = self._suppressed.pop(kind, 0)
@@ -63,4 +70,3 @@ class MalformedRequestFilter(logging.Filter):
             "malformed request refused by the HTTP parser (at most one line per kind a minute)",
             extra={"fields": fields},
         )
-        return False

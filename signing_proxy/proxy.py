@@ -16,14 +16,13 @@ import secrets
 import time
 import traceback
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from aiohttp import web
-
-from .config import DEFAULT_MAX_HEADER_BYTES
+from .answer import refuse
 from .credentials import CredentialStore
 from .diagnostics import ClockSkewMonitor, UnauthorizedReporter
-from .errors import JSON_CONTENT_TYPE, ProxyError, RequestRejected
+from .errors import ProxyError, RequestRejected
+from .http_request import Request
 from .logs import AccessLog
 from .metrics import ProxyMetrics, method_label
 from .ratelimit import TokenBucket
@@ -32,35 +31,19 @@ from .routing import Router, Target
 from .signers import Signer
 from .topper import ALGORITHM, BOOTSTRAP_PATH, CREDENTIAL_LABEL, TopperEndpoint
 from .websocket import WebSocketRelay, is_websocket_upgrade
+from .ws_handoff import WebSocketHandoff
 
-__all__ = ["ProxyHandler", "error_response"]
+__all__ = ["ProxyHandler"]
 
 log = logging.getLogger(__name__)
 
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 TOKEN_HEADER: Final = "X-Signing-Proxy-Token"  # noqa: S105 - a header name
 _WS_FINISH_SECONDS: Final = 5.0  # how long a relay whose client vanished gets to close up
-_METHOD: Final = re.compile(r"[A-Z]{1,20}")
 # Headers some frameworks read as "use this method instead" (Rails, Express, ASP.NET).
 _METHOD_OVERRIDES: Final = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
-_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-async def _answer_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """Send a refusal whose request body was never read, then close: aiohttp would otherwise
-    linger up to 10 s reading (and so paying for) a body nobody wants."""
-    response.force_close()
-    await response.prepare(request)
-    await response.write_eof()
-    request.protocol.force_close()  # the answer is written; closing flushes it first
-
-
-async def _send_continue(request: web.BaseRequest) -> None:
-    """Answer ``Expect: 100-continue`` once the request has passed every check: only then may
-    the client send its body (RFC 9110 §10.1.1). A refused request never gets one, and its body
-    is never read (the connection is closed after the error)."""
-    if request.version >= (1, 1) and "Expect" in request.headers and not request.content.is_eof():
-        await request.writer.write(_CONTINUE)
+_PROXY_AUTHENTICATE: Final = {"Proxy-Authenticate": 'Bearer realm="signing-proxy"'}
+_TOPPER_TYPE: Final = [(b"Content-Type", b"application/json; charset=utf-8")]
 
 
 def _frames(exc: BaseException) -> list[str]:
@@ -69,16 +52,6 @@ def _frames(exc: BaseException) -> list[str]:
         f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
         for frame in traceback.extract_tb(exc.__traceback__)[-6:]
     ]
-
-
-def error_response(exc: ProxyError, request_id: str) -> web.Response:
-    response = web.Response(
-        status=exc.status, body=exc.body(), content_type=JSON_CONTENT_TYPE,
-        headers={**exc.headers, "X-Request-Id": request_id},
-    )  # fmt: skip
-    if exc.code == "proxy_auth_required":
-        response.headers["Proxy-Authenticate"] = 'Bearer realm="signing-proxy"'
-    return response
 
 
 class ProxyHandler:
@@ -92,7 +65,6 @@ class ProxyHandler:
         access_log: AccessLog | None = None,
         *,
         topper: TopperEndpoint | None = None,
-        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ):
         self.access_log = access_log
         self.topper = topper
@@ -101,7 +73,6 @@ class ProxyHandler:
         self.relay = relay
         self.metrics = metrics
         self._token = inbound_token.encode() if inbound_token else None
-        self.max_header_bytes = max_header_bytes
         self.buckets = {
             cred.name: TokenBucket(cred.config.rate_limit)
             for cred in credentials
@@ -110,62 +81,39 @@ class ProxyHandler:
         self.websockets = WebSocketRelay(
             relay.session, relay.endpoints, credentials, metrics, buckets=self.buckets
         )
+        self.handoff = WebSocketHandoff(self.websockets)
         topper_limit = topper.settings.rate_limit if topper is not None else None
         self._topper_bucket = TokenBucket(topper_limit) if topper_limit is not None else None
         self.skew = ClockSkewMonitor(metrics)
         self.unauthorized = UnauthorizedReporter(metrics)
 
-    def _check_framing(self, request: web.BaseRequest) -> None:
-        """What aiohttp's parser lets through but a signing proxy should not forward."""
-        if request.version < (1, 0):
-            # aiohttp reads "GET /path" (no version) as HTTP/0.9; nothing legitimate sends that.
-            raise RequestRejected(
-                "HTTP/0.9 requests are not supported", code="http_version_not_supported", status=505
-            )
-        size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
-        if size > self.max_header_bytes:
-            raise RequestRejected(
-                f"request headers total {size} bytes, over max_header_bytes ({self.max_header_bytes})",
-                code="headers_too_large",
-                status=431,
-            )
-        if not _METHOD.fullmatch(request.method):
-            # "post" is another method than POST to HTTP, but not to every server; the JWT signs
-            # the upper-case form, so only that form is forwarded.
-            raise RequestRejected(
-                f"method {request.method[:20]!r} is not an upper-case HTTP method",
-                code="bad_method",
-            )
+    def _check_framing(self, request: Request) -> None:
+        """What the listener's parser lets through but a signing proxy should not forward.
+
+        The server (http_server.py) refuses bad versions, oversized heads, methods not in upper
+        case and transfer codings other than chunked itself."""
+        headers = request.headers
         for name in _METHOD_OVERRIDES:
-            if name in request.headers:
+            if name in headers:
                 raise RequestRejected(
                     f"{name} is refused: the upstream could execute another method than the one "
                     "checked and signed; send the real method",
                     code="method_override_refused",
                 )
-        named = connection_tokens(request.headers)
+        named = connection_tokens(headers)
         if named & END_TO_END:
             raise RequestRejected(
                 f"Connection names {', '.join(sorted(named & END_TO_END))}, which describe the "
                 "request for every recipient and cannot be hop-by-hop",
                 code="bad_connection_header",
             )
-        expect = request.headers.get("Expect")
+        expect = headers.get("Expect")
         if expect is not None and expect.strip().lower() != "100-continue":
             raise RequestRejected(
                 "only 'Expect: 100-continue' is supported", code="expectation_failed", status=417
             )
-        coding = request.headers.get("Transfer-Encoding")
-        if coding is not None and coding.strip().lower() != "chunked":
-            # e.g. "gzip, chunked": aiohttp undoes only the chunking, so the bytes it hands over
-            # are not the body the client meant; forwarding them would change the request.
-            raise RequestRejected(
-                "only 'Transfer-Encoding: chunked' is supported",
-                code="unsupported_transfer_encoding",
-                status=501,
-            )
 
-    def _check_policy(self, request: web.BaseRequest, target: Target) -> None:
+    def _check_policy(self, request: Request, target: Target) -> None:
         for policy in target.policies:
             why = policy.denial(request.method, target.path)
             if why is not None:
@@ -194,9 +142,7 @@ class ProxyHandler:
                 headers={"Retry-After": str(seconds)},
             )
 
-    def _learn(
-        self, request: web.BaseRequest, target: Target, signer: Signer | None, ex: Exchange
-    ) -> None:
+    def _learn(self, request: Request, target: Target, signer: Signer | None, ex: Exchange) -> None:
         """What the upstream's answer says about our signing: clock skew, and 401s."""
         upstream = target.upstream.name
         self.skew.observe(upstream, ex.upstream_date)
@@ -212,7 +158,7 @@ class ProxyHandler:
                 skew=self.skew.skew.get(upstream),
             )
 
-    def _check_inbound_auth(self, request: web.BaseRequest) -> None:
+    def _check_inbound_auth(self, request: Request) -> None:
         if self._token is None:
             return
         offered = request.headers.get(TOKEN_HEADER, "")
@@ -227,7 +173,8 @@ class ProxyHandler:
                 status=407,
             )
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> None:
+        """The listener's handler: one request, answered through ``request``."""
         started = time.perf_counter()
         offered_id = request.headers.get("X-Request-Id", "")
         request_id = offered_id if _REQUEST_ID.fullmatch(offered_id) else secrets.token_hex(8)
@@ -235,8 +182,8 @@ class ProxyHandler:
         target: Target | None = None
         credential: str | None = None
         local_route = "-"  # the route label of an answer the proxy makes itself
-        ws_task: asyncio.Future[web.StreamResponse] | None = None
-        response: web.StreamResponse
+        ws_task: asyncio.Future[Any] | None = None
+        refusal: ProxyError | None = None
         self.metrics.in_flight.inc()
         try:
             if request.method == "CONNECT":
@@ -253,40 +200,38 @@ class ProxyHandler:
                 # Minted here, not routed: the answer is the token (docs/coinbase-auth.md, "Topper bootstrap tokens").
                 local_route, credential = BOOTSTRAP_PATH, CREDENTIAL_LABEL
                 self._check_rate(CREDENTIAL_LABEL, self._topper_bucket)
-                await _send_continue(request)
-                response = await self.topper(request)
-                ex.status = response.status
+                await request.send_continue()
+                token = await self.topper(request)
+                ex.status = 200
+                headers = [*_TOPPER_TYPE, (b"X-Request-Id", request_id.encode())]
+                await request.respond(200, "OK", headers, token)
                 self.metrics.tokens.labels(CREDENTIAL_LABEL, ALGORITHM).inc()
             else:
-                target = self.router.resolve(request.raw_path)
+                target = self.router.resolve(request.target)
                 credential = target.credential
                 self._check_policy(request, target)
                 self._check_rate(credential)
                 signer = self.credentials.signer(credential) if credential else None
-                upgrade = is_websocket_upgrade(request)
-                if upgrade and not target.upstream.websocket:
-                    raise RequestRejected(
-                        f"{target.upstream.name} is not configured for WebSocket: give it a "
-                        "wss:// url (or websocket: true) to relay upgrades to it",
-                        code="websocket_not_allowed",
-                        status=403,
-                    )
-                if not upgrade:
+                if is_websocket_upgrade(request):
+                    if not target.upstream.websocket:
+                        raise RequestRejected(
+                            f"{target.upstream.name} is not configured for WebSocket: give it a "
+                            "wss:// url (or websocket: true) to relay upgrades to it",
+                            code="websocket_not_allowed",
+                            status=403,
+                        )
+                    # The handshake is not signed: the relay puts JWTs in subscribe messages.
+                    # aiohttp runs the relay on the connection from here (ws_handoff.py).
+                    ws_task = await self.handoff.start(request, target, signer, ex)
+                    if ws_task is not None:
+                        await asyncio.shield(ws_task)
+                else:
                     if signer is not None:  # a request its signer refuses (a wallet write
                         # without a Wallet Secret) is refused here, before any 100 Continue
                         signer.needs_body(request.method, target.upstream.name, target.path)
-                    await _send_continue(request)
-                if upgrade:
-                    # The handshake is not signed: the relay puts JWTs in subscribe messages.
-                    # Shielded: aiohttp cancels the handler when the client's TCP connection
-                    # ends, but the relay must still close the upstream and count the close.
-                    ws_task = asyncio.ensure_future(
-                        self.websockets.relay(request, target, signer, ex)
-                    )
-                    response = await asyncio.shield(ws_task)
-                else:
+                    await request.send_continue()
                     try:
-                        response = await self.relay.forward(request, target, signer, ex)
+                        await self.relay.forward(request, target, signer, ex)
                     finally:
                         if ex.retries:
                             self.metrics.retries.labels(target.upstream.name).inc(ex.retries)
@@ -302,7 +247,7 @@ class ProxyHandler:
                 self.metrics.observe_upstream(target.upstream.name, ex.upstream_seconds)
         except ProxyError as exc:
             ex.status, ex.error = exc.status, exc.code
-            response = error_response(exc, request_id)
+            refusal = exc
         except asyncio.CancelledError:  # the client went away (or shutdown ran out of time)
             if ws_task is not None:  # a WebSocket relay ends itself: let it finish its closing
                 await asyncio.wait([ws_task], timeout=_WS_FINISH_SECONDS)
@@ -321,25 +266,26 @@ class ProxyHandler:
                 extra={"fields": {"request_id": request_id, "exc_type": type(exc).__name__,
                                   "where": _frames(exc)}},
             )  # fmt: skip
-            internal = ProxyError(f"internal error (request id {request_id}); see the proxy's log")
-            ex.status, ex.error = internal.status, internal.code
-            response = error_response(internal, request_id)
+            refusal = ProxyError(f"internal error (request id {request_id}); see the proxy's log")
+            ex.status, ex.error = refusal.status, refusal.code
         finally:
             self.metrics.in_flight.dec()
         self._account(
             request, request_id, target, credential, ex, time.perf_counter() - started, local_route
         )
-        if not response.prepared:
-            response.headers["X-Request-Id"] = request_id
         if ex.error:
             self.metrics.errors.labels(ex.error).inc()  # rare: no child cache needed
-            if not response.prepared and request.body_exists and not request.content.is_eof():
-                await _answer_and_close(request, response)
-        return response
+        if refusal is not None:
+            if request.response_started:
+                if not request.response_done:
+                    request.abort()  # a bug mid-answer: never a short body that looks whole
+                return
+            extra = _PROXY_AUTHENTICATE if refusal.code == "proxy_auth_required" else None
+            await refuse(request, refusal, request_id, extra)
 
     def _account(
         self,
-        request: web.BaseRequest,
+        request: Request,
         request_id: str,
         target: Target | None,
         credential: str | None,
@@ -359,7 +305,7 @@ class ProxyHandler:
                     "method": request.method,
                     "upstream": upstream,
                     "route": route,
-                    "path": target.path if target else request.raw_path[:256],
+                    "path": target.path if target else request.target[:256],
                     "credential": credential,
                     "status": ex.status,
                     "error": ex.error,

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .answer import HOP_BY_HOP, client_head, stream_body
 from .config import UpstreamConfig
 from .errors import ConfigError, RequestRejected, UpstreamError
+from .http_request import Request
 from .routing import Target
 from .signers import Signer
 from .upstream_pool import Response, StaleConnection, UpstreamFailure, UpstreamPool
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "END_TO_END",
+    "HOP_BY_HOP",
     "Exchange",
     "Relay",
     "UpstreamEndpoint",
@@ -56,21 +58,6 @@ _SMALL_BODY: Final = 64 * 1024  # responses up to this size are sent in one writ
 # RFC 9110 §9.2.2 lists PUT and DELETE as idempotent too, but a retried DELETE or PUT that the
 # upstream did execute is a second, freshly authorised order operation: only safe methods retry.
 _RETRY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
-# RFC 9110 §7.6.1 hop-by-hop headers, plus the proxy's own inbound credentials.
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # Never forwarded from the client: the proxy owns authentication and framing.
 _REQUEST_DROP: Final = HOP_BY_HOP | {
     "authorization",
@@ -258,7 +245,7 @@ class _BodyTooLarge(Exception):
 class _BodyStream:
     """The client's body streamed upstream; remembers whether it was touched (then no retry)."""
 
-    def __init__(self, request: web.BaseRequest, cap: int | None):
+    def __init__(self, request: Request, cap: int | None):
         self._request = request
         self._cap = cap
         self.started = False
@@ -267,7 +254,7 @@ class _BodyStream:
     async def chunks(self) -> AsyncIterator[bytes]:
         self.started = True
         size = 0
-        while chunk := await self._request.content.readany():
+        while chunk := await self._request.read_chunk():
             size += len(chunk)
             if self._cap is not None and size > self._cap:
                 self.too_large = True
@@ -282,7 +269,7 @@ def _too_large(cap: int, what: str) -> RequestRejected:
 
 
 async def read_capped_body(
-    request: web.BaseRequest,
+    request: Request,
     cap: int,
     *,
     limit: str = "max_body_bytes",
@@ -298,7 +285,7 @@ async def read_capped_body(
         )
     parts: list[bytes] = []
     size = 0
-    while chunk := await request.content.readany():
+    while chunk := await request.read_chunk():
         size += len(chunk)
         if size > cap:
             raise RequestRejected(
@@ -340,24 +327,6 @@ def _wire_headers(headers: CIMultiDict[str]) -> list[tuple[bytes, bytes]]:
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
 
-def _response_headers(raw: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """The upstream's headers for the client: no hop-by-hop ones, nothing else touched."""
-    named = {
-        token.strip().lower()
-        for name, value in raw
-        if name.lower() == b"connection"
-        for token in value.decode("latin-1").split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in raw:
-        text = name.decode("latin-1")
-        lower = text.lower()
-        if lower in HOP_BY_HOP or lower in named:
-            continue
-        out.add(text, value.decode("latin-1"))
-    return out
-
-
 class Relay:
     """The REST hot path: one keep-alive connection pool per upstream (upstream_pool.py).
 
@@ -382,7 +351,7 @@ class Relay:
         for pool in self.pools.values():
             await pool.close()
 
-    async def _read_body(self, request: web.BaseRequest, seconds: float) -> bytes:
+    async def _read_body(self, request: Request, seconds: float) -> bytes:
         try:
             async with asyncio.timeout(seconds):
                 return await read_capped_body(request, self.max_body_bytes)
@@ -395,7 +364,7 @@ class Relay:
 
     async def _send(
         self,
-        request: web.BaseRequest,
+        request: Request,
         target: Target,
         signer: Signer | None,
         ex: Exchange,
@@ -472,12 +441,14 @@ class Relay:
             return upstream
 
     async def forward(
-        self, request: web.BaseRequest, target: Target, signer: Signer | None, ex: Exchange
-    ) -> web.StreamResponse:
+        self, request: Request, target: Target, signer: Signer | None, ex: Exchange
+    ) -> None:
+        """Send the request upstream and write its answer to the client (ex says how it went)."""
         if target.upstream.auth == "token_exchange":  # a cached access token, not a signature
             if self.tokens is None:
                 raise UpstreamError("token_exchange is not set up", code="internal_error")
-            return await self.tokens.forward(request, target, ex)
+            await self.tokens.forward(request, target, ex)
+            return
         host = target.upstream.name
         timeout = target.upstream.timeout
         headers = filter_request_headers(request.headers, host)
@@ -497,53 +468,28 @@ class Relay:
 
         upstream = await self._send(request, target, signer, ex, headers, body, stream)
         try:
-            return await self._answer(request, upstream, ex, host)
+            await self._answer(request, upstream, ex, host)
         finally:
             upstream.release()  # back to the pool only if read to its end; closed otherwise
 
-    async def _answer(
-        self, request: web.BaseRequest, upstream: Response, ex: Exchange, host: str
-    ) -> web.StreamResponse:
-        out_headers = _response_headers(upstream.headers)
-        ex.upstream_date = out_headers.get("Date")
-        out_headers["X-Request-Id"] = ex.request_id
-        ex.status = upstream.status
+    async def _answer(self, request: Request, upstream: Response, ex: Exchange, host: str) -> None:
+        head = client_head(upstream.headers, ex.request_id)
+        ex.upstream_date = head.date
+        ex.status = status = upstream.status
         size = upstream.content_length
         if size is not None and size <= _SMALL_BODY and request.method != "HEAD":
-            # Small, declared-length answers (most API calls): read it and send headers and body
-            # in one write, instead of prepare/write/write_eof. Memory stays bounded by _SMALL_BODY.
+            # Small, declared-length answers (most API calls): headers and body in one write.
+            # Memory stays bounded by _SMALL_BODY.
             small = await upstream.read()
             ex.bytes_out = len(small)
-            return web.Response(
-                status=upstream.status, reason=upstream.reason, headers=out_headers, body=small
-            )
-
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=out_headers
-        )
-        try:
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.body():
-                    await response.write(chunk)
-                    ex.bytes_out += len(chunk)
-            except UpstreamFailure as exc:
-                # Headers are gone already: the only honest signal left is a broken connection.
-                ex.error = exc.code
-                log.warning(
-                    "upstream failed mid-response; closing the client connection",
-                    extra={"fields": {"upstream": host, "error": ex.error}},
-                )
-                _abort(request)
-                return response
-            await response.write_eof()
-            return response
-        except ConnectionResetError:  # the client went away; stop reading from upstream
-            ex.error = "client_disconnected"
-            return response
+            await request.respond(status, upstream.reason, head.headers, small)
+            return
+        # A HEAD answer announces the length a GET would have had; the rest stream as they come.
+        length = head.declared if request.method == "HEAD" else size
+        request.start(status, upstream.reason, head.headers, content_length=length)
+        ex.bytes_out, error = await stream_body(request, upstream.body(), _failure_code, host)
+        ex.error = error or ex.error
 
 
-def _abort(request: web.BaseRequest) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
+def _failure_code(exc: BaseException) -> str | None:
+    return exc.code if isinstance(exc, UpstreamFailure) else None

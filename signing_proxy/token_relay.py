@@ -24,18 +24,18 @@ import time
 from typing import Final
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from . import strict_json
+from .answer import client_head, stream_body
 from .errors import RequestRejected
+from .http_request import Request
 from .metrics import ProxyMetrics
 from .relay import (
     Exchange,
     UpstreamEndpoint,
     filter_request_headers,
-    filter_response_headers,
     read_capped_body,
     translate_client_error,
 )
@@ -126,9 +126,7 @@ class TokenRelay:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
 
-    async def forward(
-        self, request: web.BaseRequest, target: Target, ex: Exchange
-    ) -> web.StreamResponse:
+    async def forward(self, request: Request, target: Target, ex: Exchange) -> None:
         host = target.upstream.name
         timeout = target.upstream.timeout
         loop = asyncio.get_running_loop()
@@ -150,7 +148,8 @@ class TokenRelay:
         headers = filter_request_headers(request.headers, host)
         if method is None or not method.startswith(_PRIVATE):
             upstream, answer = await self._send(request, target, headers, body, ex, deadline)
-            return await self._respond(request, target, upstream, answer, ex)
+            await self._respond(request, target, upstream, answer, ex)
+            return
         assert target.credential is not None  # config: token_exchange needs a credential
         broker = self.brokers.get(target.credential, host)
         token = await broker.token(deadline - loop.time())
@@ -168,11 +167,11 @@ class TokenRelay:
             token = await broker.refresh(token, deadline - loop.time())
             headers["Authorization"] = f"Bearer {token}"
             upstream, answer = await self._send(request, target, headers, body, ex, deadline)
-        return await self._respond(request, target, upstream, answer, ex)
+        await self._respond(request, target, upstream, answer, ex)
 
     async def _send(
         self,
-        request: web.BaseRequest,
+        request: Request,
         target: Target,
         headers: CIMultiDict[str],
         body: bytes,
@@ -206,48 +205,38 @@ class TokenRelay:
 
     async def _respond(
         self,
-        request: web.BaseRequest,
+        request: Request,
         target: Target,
         upstream: aiohttp.ClientResponse,
         answer: bytes | None,
         ex: Exchange,
-    ) -> web.StreamResponse:
-        ex.upstream_date = upstream.headers.get("Date")
+    ) -> None:
+        head = client_head(upstream.raw_headers, ex.request_id)
+        ex.upstream_date = head.date
         ex.status = upstream.status
-        headers = filter_response_headers(upstream.headers)
-        headers["X-Request-Id"] = ex.request_id
+        reason = upstream.reason or ""
         if answer is not None:
             upstream.release()
             ex.bytes_out = len(answer)
-            return web.Response(
-                status=upstream.status, reason=upstream.reason, headers=headers, body=answer
-            )
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
-        complete = False
+            await request.respond(upstream.status, reason, head.headers, answer)
+            return
+        length = head.declared if request.method == "HEAD" else upstream.content_length
+        request.start(upstream.status, reason, head.headers, content_length=length)
+        upstream_name, timeout = target.upstream.name, target.upstream.timeout
+
+        def failure(exc: BaseException) -> str | None:
+            if isinstance(exc, aiohttp.ClientError | TimeoutError | ssl.SSLError):
+                return translate_client_error(exc, upstream_name, timeout).code
+            return None
+
+        error: str | None = "client_disconnected"
         try:
-            await response.prepare(request)
-            try:
-                while chunk := await upstream.content.readany():
-                    await response.write(chunk)
-                    ex.bytes_out += len(chunk)
-            except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
-                # Headers are gone already: the only honest signal left is a broken connection.
-                ex.error = translate_client_error(
-                    exc, target.upstream.name, target.upstream.timeout
-                ).code
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            complete = True
-            await response.write_eof()
-            return response
-        except ConnectionResetError:
-            ex.error = "client_disconnected"
-            return response
+            ex.bytes_out, error = await stream_body(
+                request, upstream.content.iter_any(), failure, upstream_name
+            )
+            ex.error = error or ex.error
         finally:
-            if complete:
+            if error is None:
                 upstream.release()
             else:
                 upstream.close()

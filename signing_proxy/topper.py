@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlencode
 
-from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
 # _Reader gives these fields the same checks and the same file-and-field messages as the rest.
 from .config import Config, SecretSource, _Reader
 from .credentials import FileState, parse_private_key, public_fingerprint, read_secret
 from .errors import CredentialError, RequestRejected
+from .http_request import Request
 from .ratelimit import RateLimit
 from .relay import read_capped_body
 from .signers import Clock
@@ -344,10 +344,11 @@ class TopperEndpoint:
                 self.problem = exc.message
 
     @staticmethod
-    def handles(request: web.BaseRequest) -> bool:
-        return request.raw_path.partition("?")[0] == BOOTSTRAP_PATH
+    def handles(request: Request) -> bool:
+        return request.target.partition("?")[0] == BOOTSTRAP_PATH
 
-    async def __call__(self, request: web.BaseRequest) -> web.Response:
+    async def __call__(self, request: Request) -> bytes:
+        """The bootstrap token for the flow in the request's body, as a JSON body."""
         if request.method != "POST":
             raise RequestRejected(
                 f"{BOOTSTRAP_PATH} takes POST with a flow JSON body",
@@ -371,4 +372,4 @@ class TopperEndpoint:
             flow = json.loads(body)
         except (ValueError, RecursionError):
             raise InvalidFlow("the body must be a flow JSON object") from None
-        return web.json_response(self.signer.mint(flow).as_dict())
+        return json.dumps(self.signer.mint(flow).as_dict()).encode()

@@ -37,6 +37,7 @@ from yarl import URL
 from .credentials import CredentialStore
 from .drb_websocket import SocketAuth
 from .errors import RequestRejected, UpstreamError
+from .http_request import Request
 from .metrics import ProxyMetrics, close_code_label
 from .ratelimit import TokenBucket
 from .relay import Exchange, UpstreamEndpoint, filter_request_headers, translate_client_error
@@ -76,7 +77,7 @@ _LOST: Final = WSCloseCode.ABNORMAL_CLOSURE  # what metrics call a connection th
 _Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-def is_websocket_upgrade(request: web.BaseRequest) -> bool:
+def is_websocket_upgrade(request: Request | web.BaseRequest) -> bool:
     return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
 
 

@@ -170,6 +170,11 @@ async def test_workers_share_the_port_and_aggregate_metrics(
         assert _metric(text, "signing_proxy_tokens_minted_total") == 40
         assert _metric(text, "signing_proxy_in_flight_requests") == 0
 
+        # Access lines are buffered up to 0.1 s (logs.AccessLog): a SIGKILL would lose those.
+        await wait_for(
+            lambda: proxy.output().count('"logger": "signing_proxy.access"') >= 40,
+            what="the 40 access lines written",
+        )
         victim = next(iter(pids))  # a worker that dies is replaced
         os.kill(victim, signal.SIGKILL)
         # Until the replacement listens: stopping it half-started would make the exit code 1.

@@ -1,5 +1,5 @@
-"""Requests aiohttp's parser refuses: one concise WARNING per kind (rate limited) and a counter,
-never an aiohttp.server ERROR with a traceback per request (any client could flood the log)."""
+"""Requests the listener's parser refuses: one concise WARNING per kind (rate limited) and a
+counter, never an ERROR with a traceback per request (any client could flood the log)."""
 
 from __future__ import annotations
 
@@ -17,25 +17,27 @@ DUPLICATE_LENGTH = (
 )
 CONTROL_IN_TARGET = b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n"
 LONG_LINE = b"GET /api/v3/x HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n"
+LOWER_CASE_METHOD = b"get /api/v3/x HTTP/1.1\r\nHost: a\r\n\r\n"
 
 
 async def test_parser_refusals_are_one_warning_per_kind_and_counted(
     proxy: ProxyServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    sent = {"BadHttpMessage": [DUPLICATE_LENGTH] * 3, "InvalidURLError": [CONTROL_IN_TARGET] * 2}
-    sent["LineTooLong"] = [LONG_LINE]
+    # kind: the error code the listener's server answered with (http_server.py refuses these
+    # itself, before the proxy's handler runs).
+    sent = {"bad_request": [DUPLICATE_LENGTH] * 3 + [CONTROL_IN_TARGET] * 2 + [LONG_LINE]}
+    sent["bad_method"] = [LOWER_CASE_METHOD]
     for requests in sent.values():
         for request in requests:
             answer = await raw_exchange(proxy.port(0), request)
-            assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400")
+            assert answer.startswith(b"HTTP/1.1 400")
     for kind, requests in sent.items():
         assert metric(proxy, "signing_proxy_malformed_requests_total", kind=kind) == len(requests)
-    assert not [r for r in caplog.records if r.name == "aiohttp.server"]  # no ERROR, no traceback
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no ERROR, no traceback
     warnings = [r for r in caplog.records if r.name == "signing_proxy.malformed"]
     assert sorted(r.fields["kind"] for r in warnings) == sorted(sent)  # type: ignore[attr-defined]
     assert all(r.levelno == logging.WARNING and r.exc_info is None for r in warnings)
-    assert all(r.fields["client"] == "127.0.0.1" for r in warnings)  # type: ignore[attr-defined]
 
 
 def test_a_kind_warns_again_after_the_interval_saying_how_many_were_suppressed() -> None:
