@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import ClassVar, Final
 
+from .errors import SigningError
+
 __all__ = [
     "VENUE_SIGNERS",
     "ExchangeSigner",
@@ -92,7 +94,8 @@ class HmacSigner:
         return f"{method.upper()} {hmac_request_path(path, query)}"
 
     def websocket_auth(self) -> dict[str, str]:
-        raise NotImplementedError("legacy HMAC keys have no WebSocket form")
+        # Unreachable through the relay: an empty websocket_messages refuses the upgrade first.
+        raise SigningError("legacy HMAC keys have no WebSocket form")
 
 
 def _header_safe(field: str, value: str) -> str:
@@ -191,7 +194,8 @@ class VenueSigner:
         return f"{method.upper()} {self.request_path(path, query)}"
 
     def websocket_auth(self) -> dict[str, str]:
-        raise NotImplementedError(f"{self.scheme} keys have no WebSocket form here")
+        # Unreachable through the relay: an empty websocket_messages refuses the upgrade first.
+        raise SigningError(f"{self.scheme} keys have no WebSocket form here")
 
 
 class ExchangeSigner(VenueSigner):

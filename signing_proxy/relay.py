@@ -48,7 +48,6 @@ __all__ = [
     "connection_tokens",
     "create_session",
     "filter_request_headers",
-    "filter_response_headers",
     "translate_client_error",
 ]
 
@@ -101,17 +100,6 @@ def filter_request_headers(headers: CIMultiDictProxy[str], host: str) -> CIMulti
             continue
         out.add(name, value)
     out["Host"] = host
-    return out
-
-
-def filter_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    named = connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named:
-            continue
-        out.add(name, value)
     return out
 
 

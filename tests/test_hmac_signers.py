@@ -13,6 +13,7 @@ import hmac
 import pytest
 
 from signing_proxy import signers
+from signing_proxy.errors import SigningError
 from signing_proxy.hmac_signers import (
     ExchangeSigner,
     HmacSigner,
@@ -92,7 +93,7 @@ def test_exchange_websocket_form_signs_users_self_verify() -> None:
 )
 def test_other_hmac_signers_have_no_websocket_form(signer: signers.Signer) -> None:
     assert signer.websocket_messages == frozenset()
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(SigningError, match="no WebSocket form"):
         signer.websocket_auth()
 
 
