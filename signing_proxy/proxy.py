@@ -11,22 +11,19 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import re
-import secrets
-import time
 import traceback
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from .answer import refuse
 from .credentials import CredentialStore
-from .diagnostics import ClockSkewMonitor, UnauthorizedReporter
 from .errors import ProxyError, RequestRejected
 from .http_request import Request
 from .logs import AccessLog
-from .metrics import ProxyMetrics, method_label
+from .metrics import ProxyMetrics
 from .ratelimit import TokenBucket
-from .relay import END_TO_END, Exchange, Relay, connection_tokens
+from .relay import END_TO_END, Relay, connection_tokens
+from .request_record import Exchange, Ledger
 from .routing import Router, Target
 from .signers import Signer
 from .topper import ALGORITHM, BOOTSTRAP_PATH, CREDENTIAL_LABEL, TopperEndpoint
@@ -37,7 +34,6 @@ __all__ = ["ProxyHandler"]
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 TOKEN_HEADER: Final = "X-Signing-Proxy-Token"  # noqa: S105 - a header name
 _WS_FINISH_SECONDS: Final = 5.0  # how long a relay whose client vanished gets to close up
 # Headers some frameworks read as "use this method instead" (Rails, Express, ASP.NET).
@@ -84,8 +80,7 @@ class ProxyHandler:
         self.handoff = WebSocketHandoff(self.websockets)
         topper_limit = topper.settings.rate_limit if topper is not None else None
         self._topper_bucket = TokenBucket(topper_limit) if topper_limit is not None else None
-        self.skew = ClockSkewMonitor(metrics)
-        self.unauthorized = UnauthorizedReporter(metrics)
+        self.ledger = Ledger(metrics, credentials, access_log)
 
     def _check_framing(self, request: Request) -> None:
         """What the listener's parser lets through but a signing proxy should not forward.
@@ -142,22 +137,6 @@ class ProxyHandler:
                 headers={"Retry-After": str(seconds)},
             )
 
-    def _learn(self, request: Request, target: Target, signer: Signer | None, ex: Exchange) -> None:
-        """What the upstream's answer says about our signing: clock skew, and 401s."""
-        upstream = target.upstream.name
-        self.skew.observe(upstream, ex.upstream_date)
-        if ex.status == 401 and signer is not None and target.credential is not None:
-            info = self.credentials[target.credential].info
-            signed = signer.describe(request.method, upstream, target.path, target.query)
-            self.unauthorized.report(
-                target.credential,
-                algorithm=signer.scheme,
-                key_id=info.key_id if info is not None else "?",
-                signed=signed[:512],
-                request_id=ex.request_id,
-                skew=self.skew.skew.get(upstream),
-            )
-
     def _check_inbound_auth(self, request: Request) -> None:
         if self._token is None:
             return
@@ -174,146 +153,106 @@ class ProxyHandler:
             )
 
     async def __call__(self, request: Request) -> None:
-        """The listener's handler: one request, answered through ``request``."""
-        started = time.perf_counter()
-        offered_id = request.headers.get("X-Request-Id", "")
-        request_id = offered_id if _REQUEST_ID.fullmatch(offered_id) else secrets.token_hex(8)
-        ex = Exchange(request_id)
-        target: Target | None = None
-        credential: str | None = None
-        local_route = "-"  # the route label of an answer the proxy makes itself
-        ws_task: asyncio.Future[Any] | None = None
-        refusal: ProxyError | None = None
+        """The listener's handler: one request, answered through ``request``, counted once."""
+        ex = Exchange.begin(request)
         self.metrics.in_flight.inc()
         try:
-            if request.method == "CONNECT":
-                raise RequestRejected(
-                    "CONNECT tunnels cannot be signed: the proxy must see the request to sign it. "
-                    "Send plain http:// URLs through the proxy (it always uses TLS upstream), "
-                    "e.g. curl -x http://127.0.0.1:8080 http://api.coinbase.com/api/v3/brokerage/accounts",
-                    code="connect_not_supported",
-                    status=405,
+            try:
+                await self._walk(request, ex)
+            except ProxyError as exc:
+                ex.status, ex.error = exc.status, exc.code
+                await self._refuse(request, ex, exc)
+            except asyncio.CancelledError:  # the client went away (or shutdown ran out of time)
+                if not ex.relayed:
+                    ex.status, ex.error = 499, "cancelled"
+                raise
+            except (
+                Exception
+            ) as exc:  # a bug: answer JSON; log the type, not values that may be secret
+                log.error(
+                    "internal error",
+                    extra={"fields": {"request_id": ex.request_id, "exc_type": type(exc).__name__,
+                                      "where": _frames(exc)}},
+                )  # fmt: skip
+                refusal = ProxyError(
+                    f"internal error (request id {ex.request_id}); see the proxy's log"
                 )
-            self._check_framing(request)
-            self._check_inbound_auth(request)
-            if self.topper is not None and self.topper.handles(request):
-                # Minted here, not routed: the answer is the token (docs/coinbase-auth.md, "Topper bootstrap tokens").
-                local_route, credential = BOOTSTRAP_PATH, CREDENTIAL_LABEL
-                self._check_rate(CREDENTIAL_LABEL, self._topper_bucket)
-                await request.send_continue()
-                token = await self.topper(request)
-                ex.status = 200
-                headers = [*_TOPPER_TYPE, (b"X-Request-Id", request_id.encode())]
-                await request.respond(200, "OK", headers, token)
-                self.metrics.tokens.labels(CREDENTIAL_LABEL, ALGORITHM).inc()
-            else:
-                target = self.router.resolve(request.target)
-                credential = target.credential
-                self._check_policy(request, target)
-                self._check_rate(credential)
-                signer = self.credentials.signer(credential) if credential else None
-                if is_websocket_upgrade(request):
-                    if not target.upstream.websocket:
-                        raise RequestRejected(
-                            f"{target.upstream.name} is not configured for WebSocket: give it a "
-                            "wss:// url (or websocket: true) to relay upgrades to it",
-                            code="websocket_not_allowed",
-                            status=403,
-                        )
-                    # The handshake is not signed: the relay puts JWTs in subscribe messages.
-                    # aiohttp runs the relay on the connection from here (ws_handoff.py).
-                    ws_task = await self.handoff.start(request, target, signer, ex)
-                    if ws_task is not None:
-                        await asyncio.shield(ws_task)
-                else:
-                    if signer is not None:  # a request its signer refuses (a wallet write
-                        # without a Wallet Secret) is refused here, before any 100 Continue
-                        signer.needs_body(request.method, target.upstream.name, target.path)
-                    await request.send_continue()
-                    try:
-                        await self.relay.forward(request, target, signer, ex)
-                    finally:
-                        if ex.retries:
-                            self.metrics.retries.labels(target.upstream.name).inc(ex.retries)
-                    # token_exchange upstreams carry a cached token: nothing signed per request.
-                    signed = signer if target.upstream.auth is None else None
-                    self._learn(request, target, signed, ex)
-                    if signed is not None and credential is not None:
-                        self.metrics.count_signature(
-                            credential, signed.scheme, ex.sign_seconds, 1 + ex.retries
-                        )
-                        if ex.wallet_tokens:
-                            self.metrics.wallet_tokens.labels(credential).inc(ex.wallet_tokens)
-                self.metrics.observe_upstream(target.upstream.name, ex.upstream_seconds)
-        except ProxyError as exc:
-            ex.status, ex.error = exc.status, exc.code
-            refusal = exc
-        except asyncio.CancelledError:  # the client went away (or shutdown ran out of time)
-            if ws_task is not None:  # a WebSocket relay ends itself: let it finish its closing
-                await asyncio.wait([ws_task], timeout=_WS_FINISH_SECONDS)
-            if ws_task is None or not ws_task.done() or ws_task.cancelled() or ws_task.exception():
-                ex.status, ex.error = 499, "cancelled"
-            if ex.error:
-                self.metrics.errors.labels(ex.error).inc()
-            self._account(
-                request, request_id, target, credential, ex, time.perf_counter() - started,
-                local_route,
-            )  # fmt: skip
-            raise
-        except Exception as exc:  # a bug: answer JSON; log the type, not values that may be secret
-            log.error(
-                "internal error",
-                extra={"fields": {"request_id": request_id, "exc_type": type(exc).__name__,
-                                  "where": _frames(exc)}},
-            )  # fmt: skip
-            refusal = ProxyError(f"internal error (request id {request_id}); see the proxy's log")
-            ex.status, ex.error = refusal.status, refusal.code
+                ex.status, ex.error = refusal.status, refusal.code
+                await self._refuse(request, ex, refusal)
         finally:
             self.metrics.in_flight.dec()
-        self._account(
-            request, request_id, target, credential, ex, time.perf_counter() - started, local_route
-        )
-        if ex.error:
-            self.metrics.errors.labels(ex.error).inc()  # rare: no child cache needed
-        if refusal is not None:
-            if request.response_started:
-                if not request.response_done:
-                    request.abort()  # a bug mid-answer: never a short body that looks whole
-                return
-            extra = _PROXY_AUTHENTICATE if refusal.code == "proxy_auth_required" else None
-            await refuse(request, refusal, request_id, extra)
+            self.ledger.finish(ex)
 
-    def _account(
-        self,
-        request: Request,
-        request_id: str,
-        target: Target | None,
-        credential: str | None,
-        ex: Exchange,
-        seconds: float,
-        local_route: str = "-",
-    ) -> None:
-        upstream = target.upstream.name if target else "-"
-        route = target.route if target else local_route
-        self.metrics.count_request(
-            upstream, method_label(request.method), route, ex.status, seconds
-        )
-        if self.access_log is not None:
-            self.access_log(
-                {
-                    "request_id": request_id,
-                    "method": request.method,
-                    "upstream": upstream,
-                    "route": route,
-                    "path": target.path if target else request.target[:256],
-                    "credential": credential,
-                    "status": ex.status,
-                    "error": ex.error,
-                    "bytes_out": ex.bytes_out,
-                    "retries": ex.retries,
-                    "duration_ms": round(seconds * 1000, 3),
-                    "upstream_ms": round(ex.upstream_seconds * 1000, 3),
-                    "sign_ms": round(ex.sign_seconds * 1000, 3),
-                    "client": request.remote,
-                }
+    async def _walk(self, request: Request, ex: Exchange) -> None:
+        """Refuse, route, check, sign and relay: each step raises a ProxyError to refuse."""
+        if request.method == "CONNECT":
+            raise RequestRejected(
+                "CONNECT tunnels cannot be signed: the proxy must see the request to sign it. "
+                "Send plain http:// URLs through the proxy (it always uses TLS upstream), "
+                "e.g. curl -x http://127.0.0.1:8080 http://api.coinbase.com/api/v3/brokerage/accounts",
+                code="connect_not_supported",
+                status=405,
             )
+        self._check_framing(request)
+        self._check_inbound_auth(request)
+        if self.topper is not None and self.topper.handles(request):
+            await self._mint_topper_token(request, ex)
+            return
+        target = ex.target = self.router.resolve(request.target)
+        credential = ex.credential = target.credential
+        self._check_policy(request, target)
+        self._check_rate(credential)
+        signer = ex.signer = self.credentials.signer(credential) if credential else None
+        if is_websocket_upgrade(request):
+            await self._relay_websocket(request, target, signer, ex)
+            return
+        if signer is not None:  # a request its signer refuses (a wallet write without a
+            # Wallet Secret) is refused here, before any 100 Continue
+            signer.needs_body(request.method, target.upstream.name, target.path)
+        await request.send_continue()
+        await self.relay.forward(request, target, signer, ex)
+        ex.relayed = True
+
+    async def _mint_topper_token(self, request: Request, ex: Exchange) -> None:
+        # Minted here, not routed: the answer is the token (docs/coinbase-auth.md, "Topper bootstrap tokens").
+        assert self.topper is not None
+        ex.route, ex.credential = BOOTSTRAP_PATH, CREDENTIAL_LABEL
+        self._check_rate(CREDENTIAL_LABEL, self._topper_bucket)
+        await request.send_continue()
+        token = await self.topper(request)
+        ex.status = 200
+        headers = [*_TOPPER_TYPE, (b"X-Request-Id", ex.request_id.encode())]
+        await request.respond(200, "OK", headers, token)
+        self.metrics.tokens.labels(CREDENTIAL_LABEL, ALGORITHM).inc()
+
+    async def _relay_websocket(
+        self, request: Request, target: Target, signer: Signer | None, ex: Exchange
+    ) -> None:
+        if not target.upstream.websocket:
+            raise RequestRejected(
+                f"{target.upstream.name} is not configured for WebSocket: give it a "
+                "wss:// url (or websocket: true) to relay upgrades to it",
+                code="websocket_not_allowed",
+                status=403,
+            )
+        # The handshake is not signed: the relay puts JWTs in subscribe messages.
+        # aiohttp runs the relay on the connection from here (ws_handoff.py).
+        ws_task = await self.handoff.start(request, target, signer, ex)
+        if ws_task is None:  # never a handshake: counted as a bad upgrade
+            return
+        try:
+            await asyncio.shield(ws_task)
+        except asyncio.CancelledError:
+            # The client went away: a relay ends itself, so let it finish its closing.
+            await asyncio.wait([ws_task], timeout=_WS_FINISH_SECONDS)
+            ex.relayed = ws_task.done() and not ws_task.cancelled() and not ws_task.exception()
+            raise
+        ex.relayed = True
+
+    async def _refuse(self, request: Request, ex: Exchange, refusal: ProxyError) -> None:
+        if request.response_started:
+            if not request.response_done:
+                request.abort()  # a bug mid-answer: never a short body that looks whole
+            return
+        extra = _PROXY_AUTHENTICATE if refusal.code == "proxy_auth_required" else None
+        await refuse(request, refusal, ex.request_id, extra)

@@ -31,6 +31,7 @@ from .answer import HOP_BY_HOP, client_head, stream_body
 from .config import UpstreamConfig
 from .errors import ConfigError, RequestRejected, UpstreamError
 from .http_request import Request
+from .request_record import Exchange
 from .routing import Target
 from .signers import Signer
 from .upstream_pool import Response, StaleConnection, UpstreamFailure, UpstreamPool
@@ -191,21 +192,6 @@ class UpstreamEndpoint:
         origin = config.url.replace("wss://", "https://", 1)
         timeout = aiohttp.ClientTimeout(total=config.timeout)
         return cls(config, origin, context, timeout, config.tls_server_name)
-
-
-@dataclass(slots=True)
-class Exchange:
-    """What one request did, filled in as it goes; read by the access log and metrics."""
-
-    request_id: str = ""
-    status: int = 0
-    sign_seconds: float = 0.0
-    upstream_seconds: float = 0.0
-    bytes_out: int = 0
-    error: str | None = None
-    retries: int = 0
-    upstream_date: str | None = None  # the upstream's Date header, for the clock skew gauge
-    wallet_tokens: int = 0  # X-Wallet-Auth tokens minted (one per attempt)
 
 
 def create_session() -> aiohttp.ClientSession:
@@ -384,6 +370,7 @@ class Relay:
                     (k.encode("latin-1"), v.encode("latin-1")) for k, v in signed.items()
                 ]
                 ex.wallet_tokens += WALLET_HEADER in signed
+                ex.signatures += 1
                 ex.sign_seconds += time.perf_counter() - s0
             data: bytes | AsyncIterator[bytes] | None = body
             if stream is not None:

@@ -77,7 +77,7 @@ async def test_skewed_upstream_clock_is_exported_and_warned(
     upstream.date_offset = -45
     handler = proxy.state.handler
     assert handler is not None
-    handler.skew._next_sample.clear()  # don't wait out the once-a-second sampling
+    handler.ledger.skew._next_sample.clear()  # don't wait out the once-a-second sampling
     status, _, _, _ = await fetch(client, "GET", f"{base(proxy)}/api/v3/x")
     assert status == 200
     assert -46.5 <= metric(proxy, SKEW_GAUGE, upstream="api.coinbase.com") <= -44
