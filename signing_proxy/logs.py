@@ -17,7 +17,14 @@ import sys
 import time
 from typing import Any, Final, Literal, TextIO
 
-__all__ = ["ACCESS_LOGGER", "AccessLog", "JsonFormatter", "TextFormatter", "setup_logging"]
+__all__ = [
+    "ACCESS_LOGGER",
+    "AccessLog",
+    "JsonFormatter",
+    "TextFormatter",
+    "json_members",
+    "setup_logging",
+]
 
 ACCESS_LOGGER: Final = "signing_proxy.access"
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -32,6 +39,37 @@ def text_value(value: Any) -> str:
     are escaped and one line stays one line whatever a client put in a path or header."""
     text = value if isinstance(value, str) else str(value)
     return text if _TEXT_SAFE.fullmatch(text) else json.dumps(text)
+
+
+# json's own C string encoder (ensure_ascii, as json.dumps): quotes and escapes a str.
+_json_str: Final = json.encoder.encode_basestring_ascii
+_JSON: Final = json.JSONEncoder(
+    default=str
+)  # built once: json.dumps(default=...) builds one a call
+_KEYS: dict[str, str] = {}  # '"name": ' per field name seen (the access log's fixed few)
+_MAX_KEYS: Final = 64
+
+
+def json_members(fields: dict[str, Any]) -> str:
+    """``json.dumps(fields, default=str)`` without its braces, about four times as fast for the
+    flat str/int/float/None fields of an access line (nested or other values go to json)."""
+    parts = []
+    for name, value in fields.items():
+        key = _KEYS.get(name)
+        if key is None:
+            key = _json_str(name) + ": "
+            if len(_KEYS) < _MAX_KEYS:
+                _KEYS[name] = key
+        kind = type(value)
+        if kind is str:
+            parts.append(key + _json_str(value))
+        elif value is None:
+            parts.append(key + "null")
+        elif kind is int:
+            parts.append(key + int.__repr__(value))
+        else:  # floats (NaN and infinities as json writes them), bools, anything else
+            parts.append(key + _JSON.encode(value))
+    return ", ".join(parts)
 
 
 # With --workers N: {"worker": index, "pid": pid} on every line, so lines can be told apart.
@@ -129,7 +167,7 @@ class AccessLog:
         now = time.time()
         if self._json:
             head = f'{{"ts": "{self._timestamp(now)}", "level": "info", "logger": "{ACCESS_LOGGER}", "msg": "request"{self._process_json}'
-            line = head + (", " + json.dumps(fields, default=str)[1:] if fields else "}")
+            line = head + (", " + json_members(fields) + "}" if fields else "}")
         else:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
             stamp += f",{int((now % 1) * 1000):03d} INFO    {ACCESS_LOGGER}: request "
