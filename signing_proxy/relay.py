@@ -372,17 +372,17 @@ class Relay:
                 ex.wallet_tokens += WALLET_HEADER in signed
                 ex.signatures += 1
                 ex.sign_seconds += time.perf_counter() - s0
-            data: bytes | AsyncIterator[bytes] | None = body
-            if stream is not None:
-                data = stream.chunks()
-            left = max(deadline - loop.time(), 0.001)
             try:
-                # The pool's own deadline covers its socket; this one also covers a client whose
-                # streamed body stalls while the upload waits for it.
-                async with asyncio.timeout(left):
+                if stream is None:  # the pool's own deadline covers its socket
                     upstream = await pool.request(
-                        method, wire_target, wire, data, content_length=declared, timeout=left
+                        method, wire_target, wire, body, timeout=timeout, deadline=deadline
                     )
+                else:  # this one also covers a client whose streamed body stalls the upload
+                    async with asyncio.timeout_at(deadline):
+                        upstream = await pool.request(
+                            method, wire_target, wire, stream.chunks(), content_length=declared,
+                            timeout=timeout, deadline=deadline,
+                        )  # fmt: skip
             except TimeoutError:
                 raise UpstreamError(
                     f"{host} did not answer within {timeout:g}s (upstream timeout)",

@@ -164,6 +164,7 @@ class UpstreamPool:
         *,
         content_length: int | None = None,
         timeout: float,  # noqa: ASYNC109 - it bounds the body read after the return too
+        deadline: float | None = None,
     ) -> Response:
         """Send one request; return once the final response's head arrived (1xx are skipped).
 
@@ -172,7 +173,9 @@ class UpstreamPool:
         goes in the same write as the head, with Content-Length; a streamed one is sent with
         Content-Length when ``content_length`` is given, else chunked. Exceptions raised by a
         streamed body's iterator propagate unchanged; every other failure is an
-        ``UpstreamFailure``. ``ValueError``: a CR, LF or NUL that would split the request."""
+        ``UpstreamFailure``. ``ValueError``: a CR, LF or NUL that would split the request.
+        ``deadline`` (loop time): when the exchange must be over, if earlier attempts already
+        used part of ``timeout`` (which messages still name); default now + ``timeout``."""
         if body is None:
             framing = b""
         elif isinstance(body, bytes):
@@ -182,7 +185,8 @@ class UpstreamPool:
         else:
             framing = b"Transfer-Encoding: chunked\r\n"
         head = serialize_head(method, target, headers, framing)
-        deadline = asyncio.get_running_loop().time() + timeout
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + timeout
         conn = await self._checkout(deadline, timeout)
         conn.begin(method == "HEAD", deadline)
         try:
