@@ -8,13 +8,13 @@ log line, and what the upstream's answer says about our signing (clock skew, 401
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from .diagnostics import ClockSkewMonitor, UnauthorizedReporter
 from .metrics import ProxyMetrics, method_label
+from .random_hex import RandomHex
 
 if TYPE_CHECKING:
     from .credentials import CredentialStore
@@ -26,25 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["Exchange", "Ledger", "request_id_for"]
 
 _ID_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
-_ID_BATCH: Final = 512  # request ids drawn per os.urandom call
-
-
-class _IdSource:
-    """Random 16-hex-digit request ids, from one ``os.urandom`` read per ``_ID_BATCH`` ids."""
-
-    def __init__(self) -> None:
-        self._hex = ""
-        self._at = 0
-
-    def __call__(self) -> str:
-        at = self._at
-        if at >= len(self._hex):
-            self._hex, at = secrets.token_hex(8 * _ID_BATCH), 0
-        self._at = at + 16
-        return self._hex[at : at + 16]
-
-
-_new_id: Final = _IdSource()
+_new_id: Final = RandomHex(8, batch=512)  # 16 hex digits
 
 
 def request_id_for(offered: str | None) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import secrets
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from .hmac_signers import HmacSigner, hmac_request_path
+from .random_hex import RandomHex
 
 if TYPE_CHECKING:
     from .wallet_auth import WalletAuth
@@ -81,6 +81,8 @@ def jwt_uri(method: str, host: str, path: str) -> str:
 
 # json's own C string encoder: escapes quotes, backslashes and non-ASCII exactly as json.dumps.
 _json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
+# The JWT header nonce: 64 hex digits (32 random bytes), as the SDKs' secrets.token_hex().
+_nonce: Final = RandomHex(32)
 
 
 def _b64url(data: bytes) -> bytes:
@@ -141,7 +143,7 @@ class CdpJwtSigner:
         """A signed JWT; ``uri=None`` gives the WebSocket form, which has no ``uri`` claim.
         ``as_list``: the cdp-sdk form, ``"uris": [uri]``."""
         now = int(self._clock())
-        header = f"{self._header_prefix}{secrets.token_hex()}{self._header_suffix}"
+        header = f"{self._header_prefix}{_nonce()}{self._header_suffix}"
         claims = f'{self._claims_prefix}{now},"exp":{now + JWT_LIFETIME}'
         if uri is None:
             claims += "}"
