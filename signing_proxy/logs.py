@@ -48,6 +48,8 @@ _JSON: Final = json.JSONEncoder(
 )  # built once: json.dumps(default=...) builds one a call
 _KEYS: dict[str, str] = {}  # '"name": ' per field name seen (the access log's fixed few)
 _MAX_KEYS: Final = 64
+_FINITE_MAX: Final = sys.float_info.max
+_FINITE_MIN: Final = -sys.float_info.max
 
 
 def json_members(fields: dict[str, Any]) -> str:
@@ -67,7 +69,9 @@ def json_members(fields: dict[str, Any]) -> str:
             parts.append(key + "null")
         elif kind is int:
             parts.append(key + int.__repr__(value))
-        else:  # floats (NaN and infinities as json writes them), bools, anything else
+        elif kind is float and _FINITE_MIN <= value <= _FINITE_MAX:  # json: repr() if finite
+            parts.append(key + float.__repr__(value))
+        else:  # NaN and infinities (as json writes them), bools, anything else
             parts.append(key + _JSON.encode(value))
     return ", ".join(parts)
 

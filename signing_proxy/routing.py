@@ -46,6 +46,7 @@ __all__ = [
 
 MAX_ROUTE_LABELS: Final = 200  # with histogram buckets, ~4k series per upstream at most
 _PATH_CACHE: Final = 4096
+_TARGET_CACHE: Final = 4096  # routed origin-form targets kept (oldest dropped first)
 _MAX_TEMPLATE_DEPTH: Final = 8
 _WORD: Final = re.compile(r"[a-z][a-z_]{0,39}|v[0-9]{1,2}")
 _BAD_CHARS: Final = re.compile(r"[\x00-\x20\x7f#]")
@@ -156,6 +157,7 @@ class Router:
         self.routes: tuple[RouteConfig, ...] = config.routes
         self.templates = RouteTemplates()
         self.forward_proxy = config.forward_proxy
+        self._targets: dict[str, Target] = {}  # raw origin-form target -> its Target
         self._credential_policy = {
             name: cred.policy for name, cred in config.credentials.items() if cred.policy
         }
@@ -194,6 +196,17 @@ class Router:
         return self.resolve_absolute(url, raw_target)
 
     def resolve_origin(self, raw_target: str) -> Target:
+        """Route an origin-form target; most targets repeat, so answers are kept (not refusals)."""
+        cache = self._targets
+        target = cache.get(raw_target)
+        if target is None:
+            target = self._route_origin(raw_target)
+            if len(cache) >= _TARGET_CACHE:
+                del cache[next(iter(cache))]  # the oldest
+            cache[raw_target] = target
+        return target
+
+    def _route_origin(self, raw_target: str) -> Target:
         path, query = split_target(raw_target)
         for route in self.routes:
             if prefix_matches(route.prefix, path):

@@ -174,3 +174,17 @@ def test_route_labels_stay_within_limit(words: list[str]) -> None:
 def test_split_target() -> None:
     assert split_target("/a/b?c=d&e") == ("/a/b", "c=d&e")
     assert split_target("/a%2Fb") == ("/a%2Fb", "")
+
+
+def test_routed_targets_are_kept_in_a_bounded_cache_and_refusals_are_not() -> None:
+    router = _router()
+    first = router.resolve("/api/v3/brokerage/accounts?limit=1")
+    assert router.resolve("/api/v3/brokerage/accounts?limit=1") is first  # routed once
+    assert router.resolve("/api/v3/brokerage/accounts?limit=2").query == "limit=2"
+    for i in range(5000):  # a client sending ever-new paths cannot grow it without bound
+        router.resolve(f"/api/v3/brokerage/orders/{i}")
+    assert len(router._targets) <= 4096
+    for _ in range(2):  # refused every time, never remembered
+        with pytest.raises(RequestRejected):
+            router.resolve("/a/%2e%2e/b")
+    assert "/a/%2e%2e/b" not in router._targets
