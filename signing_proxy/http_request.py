@@ -52,7 +52,7 @@ class Request:
 
     __slots__ = (
         "_body_started", "_buffer", "_buffered", "_channel", "_chunked_out", "_continue_sent",
-        "_eof", "_error", "_expect_continue", "_headers", "_high_water", "_keep_alive",
+        "_eof", "_error", "_expect_continue", "_headers", "_high_water", "_index", "_keep_alive",
         "_no_body", "_remaining", "_state", "_waiter", "body_timeout", "chunked",
         "content_length", "method", "raw_headers", "raw_target", "remote", "target", "upgrade",
         "version",
@@ -90,6 +90,7 @@ class Request:
         self._expect_continue = expect_continue
         self._high_water = high_water
         self._headers: CIMultiDictProxy[str] | None = None
+        self._index: dict[bytes, list[bytes]] | None = None
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._eof = False
@@ -112,6 +113,26 @@ class Request:
                 CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw_headers)
             )
         return self._headers
+
+    def values(self, lower_name: bytes) -> list[bytes]:
+        """Every value of a header, as received; ``lower_name`` in lower case (b"connection").
+        The hot path's lookup: cheaper than building ``headers``."""
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for name, value in self.raw_headers:
+                lower = name.lower()
+                found = index.get(lower)
+                if found is None:
+                    index[lower] = [value]
+                else:
+                    found.append(value)
+        return index.get(lower_name) or []
+
+    def first(self, lower_name: bytes) -> bytes | None:
+        """The first value of a header as received, or None (see ``values``)."""
+        found = self.values(lower_name)
+        return found[0] if found else None
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""

@@ -22,12 +22,12 @@ from .http_request import Request
 from .logs import AccessLog
 from .metrics import ProxyMetrics
 from .ratelimit import TokenBucket
-from .relay import END_TO_END, Relay, connection_tokens
+from .relay import END_TO_END, Relay, connection_names
 from .request_record import Exchange, Ledger
 from .routing import Router, Target
 from .signers import Signer
 from .topper import ALGORITHM, BOOTSTRAP_PATH, CREDENTIAL_LABEL, TopperEndpoint
-from .websocket import WebSocketRelay, is_websocket_upgrade
+from .websocket import WebSocketRelay
 from .ws_handoff import WebSocketHandoff
 
 __all__ = ["ProxyHandler"]
@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 TOKEN_HEADER: Final = "X-Signing-Proxy-Token"  # noqa: S105 - a header name
 _WS_FINISH_SECONDS: Final = 5.0  # how long a relay whose client vanished gets to close up
 # Headers some frameworks read as "use this method instead" (Rails, Express, ASP.NET).
-_METHOD_OVERRIDES: Final = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+_METHOD_OVERRIDES: Final = tuple(
+    (name, name.lower().encode())
+    for name in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+)
 _PROXY_AUTHENTICATE: Final = {"Proxy-Authenticate": 'Bearer realm="signing-proxy"'}
 _TOPPER_TYPE: Final = [(b"Content-Type", b"application/json; charset=utf-8")]
 
@@ -87,23 +90,23 @@ class ProxyHandler:
 
         The server (http_server.py) refuses bad versions, oversized heads, methods not in upper
         case and transfer codings other than chunked itself."""
-        headers = request.headers
-        for name in _METHOD_OVERRIDES:
-            if name in headers:
+        for name, lower in _METHOD_OVERRIDES:
+            if request.values(lower):
                 raise RequestRejected(
                     f"{name} is refused: the upstream could execute another method than the one "
                     "checked and signed; send the real method",
                     code="method_override_refused",
                 )
-        named = connection_tokens(headers)
-        if named & END_TO_END:
+        connection = request.values(b"connection")
+        named = connection_names(v.decode("latin-1") for v in connection) if connection else None
+        if named and named & END_TO_END:
             raise RequestRejected(
                 f"Connection names {', '.join(sorted(named & END_TO_END))}, which describe the "
                 "request for every recipient and cannot be hop-by-hop",
                 code="bad_connection_header",
             )
-        expect = headers.get("Expect")
-        if expect is not None and expect.strip().lower() != "100-continue":
+        expect = request.first(b"expect")
+        if expect is not None and expect.decode("latin-1").strip().lower() != "100-continue":
             raise RequestRejected(
                 "only 'Expect: 100-continue' is supported", code="expectation_failed", status=417
             )
@@ -203,7 +206,7 @@ class ProxyHandler:
         self._check_policy(request, target)
         self._check_rate(credential)
         signer = ex.signer = self.credentials.signer(credential) if credential else None
-        if is_websocket_upgrade(request):
+        if request.method == "GET" and (request.first(b"upgrade") or b"").lower() == b"websocket":
             await self._relay_websocket(request, target, signer, ex)
             return
         if signer is not None:  # a request its signer refuses (a wallet write without a

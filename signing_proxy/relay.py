@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -46,10 +46,12 @@ __all__ = [
     "Exchange",
     "Relay",
     "UpstreamEndpoint",
+    "connection_names",
     "connection_tokens",
     "create_session",
     "filter_request_headers",
     "translate_client_error",
+    "wire_request_headers",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,12 +83,42 @@ _NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-T
 
 def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     """The header names listed in every Connection header (a client may send several)."""
+    return connection_names(headers.getall("Connection", ()))
+
+
+def connection_names(values: Iterable[str]) -> set[str]:
+    """The header names listed in these Connection header values."""
     return {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-        if token.strip()
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
     }
+
+
+_OWNED_RAW: Final = frozenset(name.encode() for name in _OWNED)
+_OWNED_PREFIXES_RAW: Final = tuple(prefix.encode() for prefix in _OWNED_PREFIXES)
+
+
+def _lower(name: bytes) -> bytes:
+    """As ``str.lower`` on the latin-1 text: the str filter folds 'À' to 'à' too."""
+    return name.lower() if name.isascii() else name.decode("latin-1").lower().encode("latin-1")
+
+
+def wire_request_headers(raw: list[tuple[bytes, bytes]], host: str) -> list[tuple[bytes, bytes]]:
+    """``filter_request_headers`` on the bytes as received (the hot path): the same headers
+    dropped, the rest byte for byte in their order, then ``Host: host``."""
+    lowered = [(_lower(name), name, value) for name, value in raw]
+    named: set[bytes] = set()
+    for lower, _, value in lowered:
+        if lower == b"connection":
+            named |= {t.encode("latin-1") for t in connection_names([value.decode("latin-1")])}
+    out = []
+    for lower, name, value in lowered:
+        if b"_" in lower:
+            lower = lower.replace(b"_", b"-")
+        if lower in _OWNED_RAW or lower in named or lower.startswith(_OWNED_PREFIXES_RAW):
+            continue
+        out.append((name, value))
+    out.append((b"Host", host.encode("latin-1")))
+    return out
 
 
 def filter_request_headers(headers: CIMultiDictProxy[str], host: str) -> CIMultiDict[str]:
@@ -297,10 +329,6 @@ def _default_tls() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def _wire_headers(headers: CIMultiDict[str]) -> list[tuple[bytes, bytes]]:
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-
-
 class Relay:
     """The REST hot path: one keep-alive connection pool per upstream (upstream_pool.py).
 
@@ -342,7 +370,7 @@ class Relay:
         target: Target,
         signer: Signer | None,
         ex: Exchange,
-        headers: CIMultiDict[str],
+        headers: list[tuple[bytes, bytes]],
         body: bytes | None,
         stream: _BodyStream | None,
     ) -> Response:
@@ -356,7 +384,7 @@ class Relay:
         timeout = target.upstream.timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        base = _wire_headers(headers)
+        base = headers
         declared = request.content_length if stream is not None else None
         t0 = time.perf_counter()
         stale_retried = False
@@ -426,7 +454,7 @@ class Relay:
             return
         host = target.upstream.name
         timeout = target.upstream.timeout
-        headers = filter_request_headers(request.headers, host)
+        headers = wire_request_headers(request.raw_headers, host)
 
         body: bytes | None = None
         stream: _BodyStream | None = None

@@ -29,6 +29,10 @@ _ID_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 _new_id: Final = RandomHex(8, batch=512)  # 16 hex digits
 
 
+def _latin1(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
 def request_id_for(offered: str | None) -> str:
     """The client's ``X-Request-Id`` when it is short and plain (1-64 of ``A-Za-z0-9._:-``),
     else a fresh random one."""
@@ -64,7 +68,7 @@ class Exchange:
     @classmethod
     def begin(cls, request: Request) -> Exchange:
         return cls(
-            request_id=request_id_for(request.headers.get("X-Request-Id")),
+            request_id=request_id_for(_latin1(request.first(b"x-request-id"))),
             method=request.method,
             started=time.perf_counter(),
             raw_target=request.target,
