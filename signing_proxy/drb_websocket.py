@@ -31,7 +31,7 @@ from . import strict_json
 from .credentials import CredentialStore
 from .errors import ProxyError, SigningError, UpstreamError
 from .metrics import ProxyMetrics
-from .signers import CdpJwtSigner, Clock
+from .signers import Clock
 from .token_exchange import (
     AUTH_METHOD,
     BACKOFF_CAP,
@@ -94,11 +94,11 @@ class SocketAuth:
         self._secrets: tuple[str, ...] = ()  # this socket's tokens (current and previous)
 
     def _call(self) -> tuple[int, str]:
-        signer = self.credentials.signer(self.credential)
-        if not isinstance(signer, CdpJwtSigner):
+        jwt = self.credentials.signer(self.credential).exchange_jwt()  # fresh for every auth
+        if jwt is None:
             raise SigningError(f"credential '{self.credential}' is not a CDP key")
         call_id = next(self._ids)
-        return call_id, auth_call(signer.token(None), call_id)  # a fresh JWT for every auth
+        return call_id, auth_call(jwt, call_id)
 
     def _accept(self, answer: dict[str, Any], started: float) -> None:
         try:

@@ -97,6 +97,9 @@ class HmacSigner:
         # Unreachable through the relay: an empty websocket_messages refuses the upgrade first.
         raise SigningError("legacy HMAC keys have no WebSocket form")
 
+    def exchange_jwt(self) -> None:
+        return None  # the derivatives gateway exchanges CDP key JWTs only
+
 
 def _header_safe(field: str, value: str) -> str:
     if not value:
@@ -196,6 +199,9 @@ class VenueSigner:
     def websocket_auth(self) -> dict[str, str]:
         # Unreachable through the relay: an empty websocket_messages refuses the upgrade first.
         raise SigningError(f"{self.scheme} keys have no WebSocket form here")
+
+    def exchange_jwt(self) -> None:
+        return None  # the derivatives gateway exchanges CDP key JWTs only
 
 
 class ExchangeSigner(VenueSigner):

@@ -73,6 +73,11 @@ class Signer(Protocol):
         """Fields to set in one outgoing message of a type in ``websocket_messages``."""
         ...
 
+    def exchange_jwt(self) -> str | None:
+        """A fresh JWT without ``uri``, to exchange for an access token (``token_exchange``
+        upstreams, docs/coinbase-auth.md); None: this kind of key cannot be exchanged."""
+        ...
+
 
 def jwt_uri(method: str, host: str, path: str) -> str:
     """The JWT ``uri`` claim: method, host and path; no scheme, port or query (docs/coinbase-auth.md)."""
@@ -175,3 +180,6 @@ class CdpJwtSigner:
 
     def websocket_auth(self) -> dict[str, str]:
         return {"jwt": self.token(None)}
+
+    def exchange_jwt(self) -> str:
+        return self.token(None)

@@ -41,7 +41,7 @@ from .credentials import Credential, CredentialStore
 from .errors import CredentialError, SigningError, UpstreamError
 from .metrics import ProxyMetrics
 from .relay import UpstreamEndpoint, translate_client_error
-from .signers import CdpJwtSigner, Clock
+from .signers import Clock, Signer
 
 __all__ = [
     "AUTH_METHOD",
@@ -165,7 +165,7 @@ class TokenBroker:
         self._obtained_at = 0.0
         self._expires_at = 0.0
         self._refresh_at = 0.0  # 0: due now
-        self._seen: object | None = None  # the signer last seen in the store (rotation check)
+        self._seen: Signer | None = None  # the signer last seen in the store (rotation check)
         self._failures = 0
         self._retry_at = 0.0
         self.last_error: str | None = None
@@ -270,12 +270,13 @@ class TokenBroker:
 
     async def _exchange(self) -> str | None:
         signer = self._seen
-        if not isinstance(signer, CdpJwtSigner):
+        jwt = signer.exchange_jwt() if signer is not None else None  # fresh for every exchange
+        if jwt is None:
             raise SigningError(f"credential '{self.credential.name}' is not a CDP key")
         started = self._clock()
         self.exchanges += 1
         try:
-            grant = await self._post(signer.token(None))  # re-signed for every exchange
+            grant = await self._post(jwt)
         except ExchangeFailed as exc:
             self._failures += 1
             delay = min(self.backoff_cap, self.backoff_first * 2 ** (self._failures - 1))

@@ -97,6 +97,19 @@ def test_other_hmac_signers_have_no_websocket_form(signer: signers.Signer) -> No
         signer.websocket_auth()
 
 
+@pytest.mark.parametrize(
+    "signer",
+    [
+        ExchangeSigner("k", B64_SECRET, "p"),
+        PrimeSigner("k", PRIME_SECRET, "p"),
+        IntxSigner("k", B64_SECRET, "p"),
+        HmacSigner("k", "s"),
+    ],
+)
+def test_hmac_signers_have_no_jwt_to_exchange(signer: signers.Signer) -> None:
+    assert signer.exchange_jwt() is None  # token_exchange upstreams refuse them by this
+
+
 def test_schemes_and_what_a_401_report_says_was_signed() -> None:
     made = [
         ExchangeSigner("k", B64_SECRET, "p"),

@@ -100,6 +100,25 @@ def test_websocket_token_has_no_uri() -> None:
     assert claims == {"sub": KEY_NAME, "iss": "cdp", "nbf": 1_700_000_000, "exp": 1_700_000_120}
 
 
+def test_exchange_jwt_is_a_fresh_verifiable_token_without_uri(
+    keypair: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+) -> None:
+    signer = CdpJwtSigner(KEY_NAME, keypair, clock=lambda: NOW)
+    token = signer.exchange_jwt()
+    header, claims, _, _ = _parts(token)
+    assert claims == {"sub": KEY_NAME, "iss": "cdp", "nbf": 1_700_000_000, "exp": 1_700_000_120}
+    assert (
+        jwt.decode(
+            token,
+            keypair.public_key(),
+            algorithms=[signer.scheme],
+            options={"verify_exp": False, "verify_nbf": False},
+        )
+        == claims
+    )
+    assert _parts(signer.exchange_jwt())[0]["nonce"] != header["nonce"]  # minted per call
+
+
 def test_uri_is_json_escaped_and_percent_encoding_kept() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     path = '/api/v3/x%2Fy/"q"\\z'
