@@ -18,7 +18,15 @@ from .errors import JSON_CONTENT_TYPE, ProxyError
 from .http_request import Request
 from .http_response import reason_phrase
 
-__all__ = ["HOP_BY_HOP", "ClientHead", "client_head", "refuse", "stream_body"]
+__all__ = [
+    "HOP_BY_HOP",
+    "ClientHead",
+    "client_head",
+    "connection_names",
+    "fold_name",
+    "refuse",
+    "stream_body",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,7 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 _NOT_PASSED: Final = HOP_BY_HOP | {"content-length", "x-request-id"}
+_NOT_PASSED_RAW: Final = frozenset(name.encode() for name in _NOT_PASSED)
 _JSON: Final = JSON_CONTENT_TYPE.encode()
 
 
@@ -50,25 +59,34 @@ class ClientHead:
     declared: int | None  # its Content-Length (what a HEAD answer announces)
 
 
+def connection_names(values: Iterable[str]) -> set[str]:
+    """The header names listed in these Connection header values."""
+    return {
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
+    }
+
+
+def fold_name(name: bytes) -> bytes:
+    """A header name in lower case, as ``str.lower`` folds its latin-1 text ('À' to 'à' too)."""
+    return name.lower() if name.isascii() else name.decode("latin-1").lower().encode("latin-1")
+
+
 def client_head(raw: Iterable[tuple[bytes, bytes]], request_id: str) -> ClientHead:
     """The upstream's headers minus hop-by-hop and framing ones, plus X-Request-Id."""
-    raw = list(raw)
-    named = {
-        token.strip().lower()
-        for name, value in raw
-        if name.lower() == b"connection"
-        for token in value.decode("latin-1").split(",")
-    }
+    lowered = [(fold_name(name), name, value) for name, value in raw]
+    named: set[bytes] = set()
+    for lower, _, value in lowered:
+        if lower == b"connection":
+            named |= {t.encode("latin-1") for t in connection_names([value.decode("latin-1")])}
     headers: list[tuple[bytes, bytes]] = []
     date: str | None = None
     declared: int | None = None
-    for name, value in raw:
-        lower = name.decode("latin-1").lower()
-        if lower == "content-length" and value.strip().isdigit():
+    for lower, name, value in lowered:
+        if lower == b"content-length" and value.strip().isdigit():
             declared = int(value)
-        if lower in _NOT_PASSED or lower in named:
+        if lower in _NOT_PASSED_RAW or lower in named:
             continue
-        if lower == "date" and date is None:
+        if lower == b"date" and date is None:
             date = value.decode("latin-1")
         headers.append((name, value))
     headers.append((b"X-Request-Id", request_id.encode()))

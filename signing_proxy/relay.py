@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -27,7 +27,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .answer import HOP_BY_HOP, client_head, stream_body
+from .answer import HOP_BY_HOP, client_head, connection_names, fold_name, stream_body
 from .config import UpstreamConfig
 from .errors import ConfigError, RequestRejected, UpstreamError
 from .http_request import Request
@@ -86,26 +86,14 @@ def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return connection_names(headers.getall("Connection", ()))
 
 
-def connection_names(values: Iterable[str]) -> set[str]:
-    """The header names listed in these Connection header values."""
-    return {
-        token.strip().lower() for value in values for token in value.split(",") if token.strip()
-    }
-
-
 _OWNED_RAW: Final = frozenset(name.encode() for name in _OWNED)
 _OWNED_PREFIXES_RAW: Final = tuple(prefix.encode() for prefix in _OWNED_PREFIXES)
-
-
-def _lower(name: bytes) -> bytes:
-    """As ``str.lower`` on the latin-1 text: the str filter folds 'À' to 'à' too."""
-    return name.lower() if name.isascii() else name.decode("latin-1").lower().encode("latin-1")
 
 
 def wire_request_headers(raw: list[tuple[bytes, bytes]], host: str) -> list[tuple[bytes, bytes]]:
     """``filter_request_headers`` on the bytes as received (the hot path): the same headers
     dropped, the rest byte for byte in their order, then ``Host: host``."""
-    lowered = [(_lower(name), name, value) for name, value in raw]
+    lowered = [(fold_name(name), name, value) for name, value in raw]
     named: set[bytes] = set()
     for lower, _, value in lowered:
         if lower == b"connection":
