@@ -25,7 +25,8 @@ from urllib.parse import urlencode
 from cryptography.hazmat.primitives.asymmetric import ec
 
 # _Reader gives these fields the same checks and the same file-and-field messages as the rest.
-from .config import Config, SecretSource, _Reader
+from .config import Config, SecretSource
+from .config_reader import Reader as _Reader
 from .credentials import FileState, parse_private_key, public_fingerprint, read_secret
 from .errors import CredentialError, RequestRejected
 from .http_request import Request
