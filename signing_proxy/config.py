@@ -7,14 +7,14 @@ are resolved against the config file's folder. Nothing here knows about HTTP.
 This module holds ``Config`` (the top level), ``parse_config`` and ``load_config``; each section
 has its own module, whose public names are re-exported here: ``config_reader`` (the field reader,
 ``SecretSource``, ``ListenAddress``), ``config_credentials``, ``config_upstreams``,
-and ``config_routes``.
+``config_routes`` and ``config_topper``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -23,6 +23,7 @@ import yaml
 from .config_credentials import CredentialConfig, parse_credential
 from .config_reader import ListenAddress, Reader, SecretSource
 from .config_routes import RouteConfig, parse_route
+from .config_topper import TopperSettings, parse_topper
 from .config_upstreams import (
     DEFAULT_UPSTREAM_TIMEOUT,
     URIS_CLAIM_HOSTS,
@@ -47,6 +48,7 @@ __all__ = [
     "ListenAddress",
     "RouteConfig",
     "SecretSource",
+    "TopperSettings",
     "UpstreamConfig",
     "env_overrides",
     "load_config",
@@ -79,7 +81,7 @@ class Config:
     access_log: bool = True
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     forward_proxy: bool = True  # absolute-form (curl -x) requests; false: refused
-    extra: Mapping[str, Any] = field(default_factory=dict)  # sections owned by optional features
+    topper: TopperSettings | None = None  # Topper bootstrap tokens; None: no topper: section
 
 
 # Top-level fields that flags and SIGNING_PROXY_<FIELD> env vars may set (flags > env > file).
@@ -111,8 +113,8 @@ _TOP_KEYS: Final = {
     "log_format",
     "log_level",
     "forward_proxy",
+    "topper",
 }
-_EXTRA_KEYS: Final = {"topper"}  # parsed by the feature that owns them
 _LOG_LEVELS: Final = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -142,7 +144,7 @@ def parse_config(
     """Validate an already-loaded YAML document; ``origins`` names who set overridden fields."""
     r = Reader(path, origins)
     data = r.mapping(raw, "top level")
-    r.known(data, _TOP_KEYS | _EXTRA_KEYS, "top level")
+    r.known(data, _TOP_KEYS, "top level")
 
     credentials: dict[str, CredentialConfig] = {}
     for name, value in r.mapping(data.get("credentials"), "credentials").items():
@@ -232,7 +234,8 @@ def parse_config(
         access_log=access_log,
         event_loop=event_loop,
         forward_proxy=forward_proxy,
-        extra={k: data[k] for k in _EXTRA_KEYS if k in data},
+        # Last: a problem in the core fields is named before one in this optional section.
+        topper=parse_topper(r, data["topper"]) if "topper" in data else None,
     )
 
 
