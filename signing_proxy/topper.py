@@ -1,7 +1,7 @@
 """Topper bootstrap tokens: the ES256 JWT that starts a Topper session (docs/coinbase-auth.md, "Topper bootstrap tokens").
 
-The ``topper:`` config block names the private key (a JWK as ``signing-proxy keygen`` prints it,
-or a PEM), the key id Topper issued for its public half, and the widget (flow) id. A flow config
+The ``topper:`` config block (parsed by config_topper.py) names the private key (a JWK as
+``signing-proxy keygen`` prints it, or a PEM), the key id Topper issued for its public half, and the widget (flow) id. A flow config
 (``source``, ``target``, optional ``partner``) is checked against the rules of Topper's flow
 documents, then signed with ``iat``, a fresh UUID4 ``jti`` (Topper echoes it in webhooks as the
 session id) and ``sub`` = the widget id; the header carries ``typ``, ``alg`` and ``kid``.
@@ -19,17 +19,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 from urllib.parse import urlencode
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-# _Reader gives these fields the same checks and the same file-and-field messages as the rest.
-from .config import Config, SecretSource, _Reader
+from .config import Config
+from .config_topper import Flow, TopperSettings
 from .credentials import FileState, parse_private_key, public_fingerprint, read_secret
 from .errors import CredentialError, RequestRejected
 from .http_request import Request
-from .ratelimit import RateLimit
 from .relay import read_capped_body
 from .signers import Clock
 
@@ -55,10 +54,6 @@ BOOTSTRAP_PATH: Final = "/topper/bootstrap-token"
 ALGORITHM: Final = "ES256"
 CREDENTIAL_LABEL: Final = "topper"  # the `credential` label of tokens_minted_total
 MAX_FLOW_BYTES: Final = 64 * 1024
-START_URLS: Final = {
-    "production": "https://app.topperpay.com/",
-    "sandbox": "https://app.sandbox.topperpay.com/",
-}
 # What each flow's payload must name (uphold/topper-docs, docs/flows/*.mdx). The off-ramp leaves
 # its assets to the user unless given; both flows need exactly one of source/target amount.
 REQUIRED_FIELDS: Final = {
@@ -69,19 +64,6 @@ REQUIRED_FIELDS: Final = {
 # header's fields, so a client cannot stretch a token's life, re-address it or change its signer.
 _PROXY_CLAIMS: Final = ("iss", "sub", "aud", "exp", "nbf", "iat", "jti")
 _HEADER_FIELDS: Final = ("header", "alg", "kid", "typ", "jku", "jwk", "x5u", "x5c", "crit")
-_KEYS: Final = {
-    "private_key",
-    "private_key_env",
-    "private_key_file",
-    "key_id",
-    "widget_id",
-    "environment",
-    "flow",
-    "rate_limit",
-}
-
-Environment = Literal["production", "sandbox"]
-Flow = Literal["crypto_onramp", "crypto_offramp"]
 
 
 class InvalidFlow(RequestRejected):
@@ -90,52 +72,9 @@ class InvalidFlow(RequestRejected):
     code = "invalid_flow"
 
 
-@dataclass(frozen=True)
-class TopperSettings:
-    private_key: SecretSource
-    key_id: str  # the key UUID Topper issued for the public key
-    widget_id: str  # the flow/widget UUID: the token's `sub`
-    environment: Environment = "production"
-    flow: Flow = "crypto_onramp"
-    rate_limit: RateLimit | None = None  # tokens per second for POST /topper/bootstrap-token
-
-    @property
-    def start_url(self) -> str:
-        return START_URLS[self.environment]
-
-
-def _uuid(r: _Reader, value: Any, where: str, what: str) -> str:
-    text = r.string(value, where)
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        raise r.fail(where, f"expected {what} (a UUID), got {text!r}") from None
-
-
 def topper_settings(config: Config) -> TopperSettings | None:
-    """The validated ``topper:`` block, None without one; ConfigError naming file and field."""
-    if "topper" not in config.extra:
-        return None
-    r = _Reader(config.path)
-    data = r.mapping(config.extra["topper"], "topper")
-    r.known(data, _KEYS, "topper")
-    key = r.secret(data, "private_key", "topper")
-    if key is None:
-        raise r.fail(
-            "topper",
-            "give private_key_file (the private JWK or PEM; `signing-proxy keygen` makes a key) "
-            "or private_key_env",
-        )
-    key_id = _uuid(r, data.get("key_id"), "topper.key_id", "the key id Topper gave you")
-    widget_id = _uuid(r, data.get("widget_id"), "topper.widget_id", "the widget (flow) id")
-    environment = data.get("environment", "production")
-    if environment not in START_URLS:
-        raise r.fail("topper.environment", "expected 'production' or 'sandbox'")
-    flow = data.get("flow", "crypto_onramp")
-    if flow not in REQUIRED_FIELDS:
-        raise r.fail("topper.flow", "expected 'crypto_onramp' or 'crypto_offramp'")
-    rate_limit = r.rate_limit(data.get("rate_limit"), "topper.rate_limit")
-    return TopperSettings(key, key_id, widget_id, environment, flow, rate_limit)
+    """The ``topper:`` block, validated when the config was loaded; None without one."""
+    return config.topper
 
 
 def parse_topper_key(text: str, source: str) -> ec.EllipticCurvePrivateKey:
@@ -298,7 +237,7 @@ class TopperEndpoint:
     @classmethod
     def from_config(cls, config: Config, *, clock: Clock | None = None) -> TopperEndpoint | None:
         """None without a ``topper:`` block; a key that does not load is logged, not fatal."""
-        settings = topper_settings(config)
+        settings = config.topper
         if settings is None:
             return None
         endpoint = cls(settings, None, clock=clock)

@@ -166,9 +166,8 @@ def test_config_block_errors_name_file_and_field(
     config_dict: dict[str, Any], key_file: Path, change: dict[str, Any], field: str, problem: str
 ) -> None:
     config_dict["topper"] = {**topper_block(key_file), **change}
-    config = parse_config(config_dict, Path("/etc/sp/config.yaml"))
-    with pytest.raises(ConfigError) as info:
-        topper_settings(config)
+    with pytest.raises(ConfigError) as info:  # config owns the section: checked at load
+        parse_config(config_dict, Path("/etc/sp/config.yaml"))
     assert info.value.message.startswith(f"/etc/sp/config.yaml: {field}: ")
     assert problem in info.value.message
 
