@@ -16,7 +16,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # .dockerignore keeps .git, virtualenvs, caches and key files out of this context.
 COPY . .
-RUN pip wheel --wheel-dir /wheels .
+# The uvloop extra: the image runs on uvloop (docs/benchmarks.md has the figures for both loops).
+RUN pip wheel --wheel-dir /wheels ".[uvloop]"
 
 
 FROM python:3.11-slim
@@ -31,7 +32,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Install from the wheels of stage 1 through a bind mount, so the wheel files add no layer.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels /wheels/signing_proxy-*.whl
+    pip install --no-index --find-links=/wheels /wheels/signing_proxy-*.whl /wheels/uvloop-*.whl
 
 # Default config: loopback proxy, admin on 0.0.0.0:9090 (health + metrics only, no secrets), one CDP
 # key expected at /secrets/cdp/cdp_api_key.json. Kubernetes mounts its ConfigMap over this directory.

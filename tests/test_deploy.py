@@ -586,6 +586,9 @@ def test_dockerfile_builds_a_wheel_then_installs_it() -> None:
         assert "--no-index" in run, run
         assert ".whl" in run, run
         assert f"from={builder}" in run, run
+    # The event loop the figures in docs/benchmarks.md were measured on ships in the image.
+    assert any("uvloop" in run for run in instructions(stages[0], "RUN"))
+    assert any("/wheels/uvloop-" in run for run in installs)
     assert not any(f"--from={builder}" in c for c in instructions(final, "COPY")), (
         "a COPY of the wheels would stay in a layer; bind-mount them"
     )
