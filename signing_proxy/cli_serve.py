@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from .cli_config import config_from_args
 from .errors import ConfigError
@@ -16,7 +17,7 @@ from .errors import ConfigError
 # Imported when used: the --workers supervisor starts fast without asyncio, the crypto and
 # the HTTP stacks, which only its workers need.
 
-__all__ = ["cmd_serve", "without_workers"]
+__all__ = ["cmd_serve", "run_event_loop", "without_workers"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -33,8 +34,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop_timeout = config.min_drain + config.drain_timeout + 5
         return supervise(config.workers, worker_command(argv), stop_timeout)
 
-    import asyncio
-
     from .app import run
     from .workers import MULTIPROC_ENV
 
@@ -44,20 +43,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reuse_port=worker,
         multiprocess_dir=os.environ.get(MULTIPROC_ENV) if worker else None,
     )
-    if config.event_loop != "asyncio":
+    run_event_loop(coro, config.event_loop)
+    return 0
+
+
+def run_event_loop(coro: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run ``coro`` to its end: on uvloop for ``uvloop``, and for ``auto`` when it is installed."""
+    import asyncio
+
+    if event_loop != "asyncio":
         try:
             import uvloop  # type: ignore[import-not-found,unused-ignore]
         except ImportError:
-            if config.event_loop == "uvloop":
+            if event_loop == "uvloop":
                 coro.close()
                 raise ConfigError(
                     "event_loop: uvloop is not installed (pip install 'signing-proxy[uvloop]')"
                 ) from None
         else:  # the optional extra: a faster event loop
             uvloop.run(coro)
-            return 0
+            return
     asyncio.run(coro)
-    return 0
 
 
 def without_workers(argv: Sequence[str]) -> list[str]:
