@@ -2,7 +2,8 @@
 
 Prints per credential its scheme, key id and public-key fingerprint (never secret material),
 the wallet secret and where its tokens go, policies, rate limits, upstreams, routes and their
-fences, inbound auth and the topper: key. Exit 1 on any problem, each named on stderr.
+fences, inbound auth and the topper: key. Exit 1 when anything fails to load, each problem
+named on stderr (a config that does not parse exits 2, from ``main``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``signing-proxy onramp-url``: a Coinbase Onramp (or Offramp) URL with a fresh session token.
 
 v1 (default) asks ``POST /onramp/v1/token`` for a session token and builds the pay.coinbase.com
-URL here (``onramp``); ``--v2`` creates the session with ``POST /platform/v2/onramp/sessions``,
+URL from it (``onramp``); ``--v2`` creates the session with ``POST /platform/v2/onramp/sessions``,
 which answers the URL itself (``onramp_v2``). Both go through the configured upstream and its
 credential.
 """

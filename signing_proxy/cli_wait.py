@@ -1,7 +1,7 @@
 """``signing-proxy wait``: poll a running proxy's admin ``/readyz`` until it answers 200.
 
-For start-up ordering (the app container after the sidecar). Standard library only, so it
-starts fast: no crypto, no aiohttp.
+For start-up ordering (the app container after the sidecar). It polls with ``urllib``; given
+``--admin`` it imports nothing else, so it starts fast (``--config`` loads the config first).
 """
 
 from __future__ import annotations
