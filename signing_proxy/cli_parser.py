@@ -1,4 +1,4 @@
-"""The ``signing-proxy`` argument parser: every command, flag and help text (CONTRACT.md fixes them).
+"""The ``signing-proxy`` argument parser: every command, flag and help text (README.md, "Commands").
 
 ``build_parser`` wires each subcommand to its ``cmd_*`` function (``func``); the argument types
 here turn a bad value into argparse's usage error (exit 2) before any command runs.
