@@ -486,17 +486,19 @@ def build_peers(env: Env, args: argparse.Namespace) -> list[Peer]:
     elif not exe.exists():
         ours.unavailable = f"{exe} missing (pip install -e {REPO})"
     else:
-        # As the image ships it: the standard asyncio loop (uvloop measured no gain here).
-        ours.cmd = [str(exe), "serve", "-c", str(cfg), "--event-loop", "asyncio"]
+        # As the image ships it: event_loop auto, which is uvloop (the image installs the extra).
+        ours.cmd = [str(exe), "serve", "-c", str(cfg), "--event-loop", "auto"]
         ours.ready_url = f"http://127.0.0.1:{admin}/readyz"
     peers.append(ours)
-    # The same on uvloop (the optional extra): what uvloop is worth for this workload.
-    plain = Peer("signing-proxy (uvloop)", port=free_port(), ready_what="admin /readyz", signs=True)
+    # The same on the standard asyncio loop (an install without the extra): what uvloop is worth.
+    plain = Peer(
+        "signing-proxy (asyncio loop)", port=free_port(), ready_what="admin /readyz", signs=True
+    )
     plain.unavailable = ours.unavailable
     if ours.cmd:
         plain_admin = free_port()
         plain.cmd = [
-            *ours.cmd[:-2], "--event-loop", "uvloop",
+            *ours.cmd[:-2], "--event-loop", "asyncio",
             "--listen", f"127.0.0.1:{plain.port}", "--admin-listen", f"127.0.0.1:{plain_admin}",
         ]  # fmt: skip
         plain.ready_url = f"http://127.0.0.1:{plain_admin}/readyz"
