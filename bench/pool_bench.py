@@ -130,7 +130,7 @@ async def aiohttp_client(
     from multidict import CIMultiDict
     from yarl import URL
 
-    from signing_proxy.relay import create_session
+    from signing_proxy.aiohttp_client import create_session
 
     session = create_session()
     url = URL(f"https://127.0.0.1:{port}{PATH}", encoded=True)

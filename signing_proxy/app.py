@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from .aiohttp_client import create_session
 from .config import Config, ListenAddress
 from .credentials import (
     Credential,
@@ -53,12 +54,13 @@ from .logs import AccessLog
 from .malformed import SERVER_LOGGER, MalformedRequestFilter
 from .metrics import ProxyMetrics
 from .proxy import ProxyHandler
-from .relay import Relay, UpstreamEndpoint, create_session
+from .relay import Relay
 from .routing import Router
 from .signers import Clock
 from .token_exchange import TokenBrokers
 from .token_relay import TokenRelay
 from .topper import TopperEndpoint
+from .upstream_endpoint import UpstreamEndpoint
 
 __all__ = ["ProxyServer", "ProxyState", "run"]
 
