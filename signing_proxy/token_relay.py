@@ -33,9 +33,9 @@ from .answer import client_head, stream_body
 from .errors import RequestRejected
 from .http_request import Request
 from .metrics import ProxyMetrics
-from .relay import Exchange
 from .request_body import read_capped_body
 from .request_headers import filter_request_headers
+from .request_record import Exchange
 from .routing import Target
 from .token_exchange import TOKEN_REJECTED_CODES, TokenBrokers
 from .upstream_endpoint import UpstreamEndpoint
