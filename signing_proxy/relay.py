@@ -43,13 +43,7 @@ if TYPE_CHECKING:
     from .token_relay import TokenRelay
 
 # END_TO_END, connection_names and Exchange are re-exported: their old import path.
-__all__ = [
-    "END_TO_END",
-    "Exchange",
-    "Relay",
-    "UpstreamEndpoint",
-    "connection_names",
-]
+__all__ = ["END_TO_END", "Exchange", "Relay", "connection_names"]
 
 log = logging.getLogger(__name__)
 
