@@ -35,7 +35,6 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .admin import ProxyState, build_admin_app
 from .aiohttp_client import create_session
 from .config import Config, ListenAddress
 from .credentials import (
@@ -52,6 +51,7 @@ from .logs import AccessLog
 from .malformed import SERVER_LOGGER, MalformedRequestFilter
 from .metrics import ProxyMetrics
 from .proxy import ProxyHandler
+from .proxy_state import ProxyState, build_admin_app
 from .relay import Relay
 from .routing import Router
 from .signers import Clock

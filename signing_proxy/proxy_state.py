@@ -1,5 +1,6 @@
-"""The admin listener's application (/healthz, /readyz, /metrics) and ``ProxyState``, the state
-of one proxy process that /readyz reports: credentials loaded, token exchange usable, not draining.
+"""``ProxyState``: what the parts of one proxy process share, and what /readyz reports
+(credentials loaded, token exchange usable, not draining); and the admin listener's aiohttp
+application that serves /healthz, /readyz and /metrics from it.
 """
 
 from __future__ import annotations
