@@ -1,5 +1,5 @@
 """The upstream half alone: the same GETs to a local TLS server through aiohttp's ClientSession
-(configured as relay.py configures it) and through signing_proxy.upstream_pool.UpstreamPool.
+(configured as aiohttp_client.py configures it) and through signing_proxy.upstream_pool.UpstreamPool.
 
     .venv/bin/python bench/pool_bench.py            # both loops, 5 rounds
     .venv/bin/python bench/pool_bench.py --quick    # 2 rounds
@@ -130,7 +130,7 @@ async def aiohttp_client(
     from multidict import CIMultiDict
     from yarl import URL
 
-    from signing_proxy.relay import create_session
+    from signing_proxy.aiohttp_client import create_session
 
     session = create_session()
     url = URL(f"https://127.0.0.1:{port}{PATH}", encoded=True)

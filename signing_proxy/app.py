@@ -23,21 +23,19 @@ import ctypes
 import ctypes.util
 import errno
 import gc
-import json
 import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TextIO
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from .aiohttp_client import create_session
 from .config import Config, ListenAddress
 from .credentials import (
     Credential,
@@ -46,50 +44,25 @@ from .credentials import (
     CredentialWatcher,
     read_secret,
 )
-from .errors import JSON_CONTENT_TYPE, ConfigError, CredentialError
+from .errors import ConfigError, CredentialError
 from .guard import reap_orphans
 from .http_server import HttpServer, ServerLimits
 from .logs import AccessLog
 from .malformed import SERVER_LOGGER, MalformedRequestFilter
 from .metrics import ProxyMetrics
 from .proxy import ProxyHandler
-from .relay import Relay, UpstreamEndpoint, create_session
+from .proxy_state import ProxyState, build_admin_app
+from .relay import Relay
 from .routing import Router
 from .signers import Clock
 from .token_exchange import TokenBrokers
 from .token_relay import TokenRelay
 from .topper import TopperEndpoint
+from .upstream_endpoint import UpstreamEndpoint
 
 __all__ = ["ProxyServer", "ProxyState", "run"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ProxyState:
-    config: Config
-    credentials: CredentialStore
-    metrics: ProxyMetrics
-    router: Router
-    draining: bool = False
-    handler: ProxyHandler | None = None
-    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    access_log_stream: TextIO | None = None  # None: stderr
-    endpoints: dict[str, UpstreamEndpoint] = field(default_factory=dict)
-    token_brokers: TokenBrokers | None = None  # access tokens of token_exchange upstreams
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        missing = self.credentials.missing()
-        ready = not missing and not self.draining and self.handler is not None
-        body: dict[str, Any] = {"ready": ready, "draining": self.draining, "missing": missing}
-        if self.token_brokers is not None:
-            tokens_ok, body["token_exchange"] = self.token_brokers.readiness()
-            body["ready"] = ready = ready and tokens_ok
-        return ready, body
-
-
-def _json(data: dict[str, Any], status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(data), content_type=JSON_CONTENT_TYPE)
 
 
 def _flusher(access_log: AccessLog) -> Callable[[], Awaitable[None]]:
@@ -127,23 +100,13 @@ def _on_reload(state: ProxyState, cred: Credential, error: CredentialError | Non
         )
 
 
-def build_admin_app(state: ProxyState, exposition: CollectorRegistry) -> web.Application:
-    async def healthz(_: web.Request) -> web.Response:
-        return _json({"status": "ok", "pid": os.getpid()})
-
-    async def readyz(_: web.Request) -> web.Response:
-        ready, body = state.readiness()
-        return _json(body, 200 if ready else 503)
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(exposition))
-    return app
-
-
 class ProxyServer:
-    """Both listeners of one process. ``start()`` binds; ``stop()`` drains and closes."""
+    """Both listeners of one process. ``start()`` binds; ``stop()`` drains and closes.
+
+    ``start()`` registers the release of each part on one ``AsyncExitStack`` as it acquires it
+    (aiohttp's cleanup_ctx, as a stack): a start that fails half-way releases what it had, and
+    ``stop()`` unwinds the same stack, so the drain runs in the reverse order of start-up.
+    """
 
     def __init__(
         self,
@@ -165,13 +128,11 @@ class ProxyServer:
         if multiprocess_dir is not None:  # metrics of every worker, read from their mmap files
             self.exposition = CollectorRegistry()
             MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
-        self._runners: list[web.BaseRunner] = []  # the admin listener
+        self._releases = contextlib.AsyncExitStack()  # what start() acquired, undone by stop()
+        self._min_drain = 0.0  # stop()'s, read by _drain
+        self._admin: web.AppRunner | None = None  # the admin listener
         self._http: HttpServer | None = None  # the proxy listener
         self._listener: asyncio.Server | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._guards: list[asyncio.Task[None]] = []
-        self._watcher: asyncio.Task[None] | None = None
-        self._malformed: MalformedRequestFilter | None = None
 
     @property
     def metrics(self) -> ProxyMetrics:
@@ -214,67 +175,9 @@ class ProxyServer:
             {name: UpstreamEndpoint.build(cfg) for name, cfg in self.config.upstreams.items()}
         )
         topper = TopperEndpoint.from_config(self.config)  # None without a topper: block
-        self._session = create_session()
-        handler = self.state.handler = self._build_handler(self._session, topper)
-        if any(up.auth == "token_exchange" for up in self.config.upstreams.values()):
-            brokers = self.state.token_brokers = TokenBrokers(
-                self.state.credentials, self.state.endpoints, self._session, self.metrics
-            )
-            handler.relay.tokens = TokenRelay(
-                self._session, self.state.endpoints, brokers, self.metrics,
-                self.config.max_body_bytes,
-            )  # fmt: skip
-            brokers.start(self.config)
-        if handler.access_log is not None:
-            self.state.on_shutdown.append(_flusher(handler.access_log))
-        # Open WebSockets would hold the drain: close them with 1001 at the shutdown step.
-        self.state.on_shutdown.append(handler.websockets.close_all)
-        # Parser refusals: one WARNING per kind a minute and a counter, not a traceback each.
-        self._malformed = MalformedRequestFilter(
-            lambda kind: self.metrics.malformed_requests.labels(kind).inc()
-        )
-        logging.getLogger(SERVER_LOGGER).addFilter(self._malformed)
-        refused = self._malformed.refused
-        self._http = HttpServer(
-            handler,
-            ServerLimits(
-                max_header_bytes=self.config.max_header_bytes,
-                # One bound for a slow head (slowloris) and an idle keep-alive connection.
-                header_timeout=self.config.header_timeout,
-                idle_timeout=self.config.header_timeout,
-            ),
-            on_refusal=lambda status, code: refused(code, status),
-        )
-        loop = asyncio.get_running_loop()
-        address = self.config.listen
-        try:
-            self._listener = await loop.create_server(
-                self._http, address.host, address.port, reuse_port=self.reuse_port or None
-            )
-        except OSError as exc:
-            raise _listen_error("listen", address, exc) from None
-        admin = web.AppRunner(
-            build_admin_app(self.state, self.exposition),
-            access_log=None,
-            shutdown_timeout=self.config.drain_timeout,
-            handler_cancellation=True,
-            keepalive_timeout=self.config.header_timeout,
-            auto_decompress=False,
-        )
-        await admin.setup()
-        self._runners.append(admin)
-        self._guards.append(asyncio.create_task(reap_orphans(admin)))
-        address = self.config.admin_listen
-        site = web.TCPSite(admin, address.host, address.port, reuse_port=self.reuse_port or None)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise _listen_error("admin_listen", address, exc) from None
-        # Key rotation without restart: poll the key files, reload what changed.
-        watcher = CredentialWatcher(
-            self.state.credentials, lambda c, e: _on_reload(self.state, c, e)
-        )
-        self._watcher = asyncio.create_task(watcher.run(), name="credential-watcher")
+        async with contextlib.AsyncExitStack() as releases:  # unwinds if a step below fails
+            await self._acquire(releases, topper)
+            self._releases = releases.pop_all()
         log.info(
             "listening",
             extra={
@@ -286,13 +189,86 @@ class ProxyServer:
             },
         )
 
+    async def _acquire(
+        self, releases: contextlib.AsyncExitStack, topper: TopperEndpoint | None
+    ) -> None:
+        """Start each part and register its release at once; they run in reverse order."""
+        config, state = self.config, self.state
+        # Released last: the lines of requests that finished while draining.
+        releases.callback(self._flush_access_log)
+        session = create_session()
+        releases.push_async_callback(session.close)
+        handler = state.handler = self._build_handler(session, topper)
+        releases.push_async_callback(handler.relay.close)  # the pooled upstream connections
+        if any(up.auth == "token_exchange" for up in config.upstreams.values()):
+            brokers = state.token_brokers = TokenBrokers(
+                state.credentials, state.endpoints, session, self.metrics
+            )
+            handler.relay.tokens = TokenRelay(
+                session, state.endpoints, brokers, self.metrics, config.max_body_bytes
+            )
+            brokers.start(config)
+            releases.push_async_callback(brokers.stop)  # after the drain: requests may need a token
+        if handler.access_log is not None:
+            state.on_shutdown.append(_flusher(handler.access_log))
+        # Open WebSockets would hold the drain: close them with 1001 at the shutdown step.
+        state.on_shutdown.append(handler.websockets.close_all)
+        admin = self._admin = web.AppRunner(
+            build_admin_app(state, self.exposition),
+            access_log=None,
+            shutdown_timeout=config.drain_timeout,
+            handler_cancellation=True,
+            keepalive_timeout=config.header_timeout,
+            auto_decompress=False,
+        )
+        await admin.setup()
+        releases.push_async_callback(admin.cleanup)  # after the proxy listener's drain
+        malformed = MalformedRequestFilter(
+            lambda kind: self.metrics.malformed_requests.labels(kind).inc()
+        )
+        refused = malformed.refused
+        http = HttpServer(
+            handler,
+            ServerLimits(
+                max_header_bytes=config.max_header_bytes,
+                # One bound for a slow head (slowloris) and an idle keep-alive connection.
+                header_timeout=config.header_timeout,
+                idle_timeout=config.header_timeout,
+            ),
+            on_refusal=lambda status, code: refused(code, status),
+        )
+        address = config.listen
+        try:
+            self._listener = await asyncio.get_running_loop().create_server(
+                http, address.host, address.port, reuse_port=self.reuse_port or None
+            )
+        except OSError as exc:
+            raise _listen_error("listen", address, exc) from None
+        self._http = http
+        releases.push_async_callback(self._drain, self._listener, http)
+        # Parser refusals: one WARNING per kind a minute and a counter, not a traceback each.
+        # In place before the listener serves anyone: nothing runs until the next await.
+        server_log = logging.getLogger(SERVER_LOGGER)
+        server_log.addFilter(malformed)
+        releases.callback(server_log.removeFilter, malformed)  # removed before the drain begins
+        address = config.admin_listen
+        site = web.TCPSite(admin, address.host, address.port, reuse_port=self.reuse_port or None)
+        try:
+            await site.start()  # stopped by admin.cleanup
+        except OSError as exc:
+            raise _listen_error("admin_listen", address, exc) from None
+        # Key rotation without restart: poll the key files, reload what changed.
+        watcher = CredentialWatcher(state.credentials, lambda c, e: _on_reload(state, c, e))
+        _background(releases, watcher.run(), name="credential-watcher")
+        _background(releases, reap_orphans(admin))  # cancelled first of all when stopping
+
     def port(self, index: int = 0) -> int:
         """The bound port of listener ``index`` (0: proxy, 1: admin); useful with port 0."""
         if index == 0:
             assert self._listener is not None
             return int(self._listener.sockets[0].getsockname()[1])
-        address = self._runners[index - 1].addresses[0]
-        return int(address[1])
+        assert index == 1 and self._admin is not None
+        return int(self._admin.addresses[0][1])
 
     @property
     def http(self) -> HttpServer | None:
@@ -301,43 +277,45 @@ class ProxyServer:
 
     async def stop(self, *, min_drain: float = 0.0) -> None:
         """Not ready at once; keep accepting for ``min_drain`` s; then stop accepting and let
-        in-flight requests finish within drain_timeout."""
+        in-flight requests finish within drain_timeout; then release the rest, newest first."""
         self.state.draining = True
-        for task in [*self._guards, *([self._watcher] if self._watcher else [])]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._guards.clear()
-        self._watcher = None
-        if self._malformed is not None:
-            logging.getLogger(SERVER_LOGGER).removeFilter(self._malformed)
-            self._malformed = None
-        if min_drain > 0 and self._listener is not None:
+        self._min_drain = min_drain
+        await self._releases.aclose()  # a no-op once released
+
+    async def _drain(self, listener: asyncio.Server, http: HttpServer) -> None:
+        """The proxy listener's release: keep accepting for min_drain, then drain it."""
+        if self._min_drain > 0:
             log.info(
-                "draining: not ready, still accepting", extra={"fields": {"min_drain": min_drain}}
+                "draining: not ready, still accepting",
+                extra={"fields": {"min_drain": self._min_drain}},
             )
-            await asyncio.sleep(min_drain)
-        if self._listener is not None and self._http is not None:
-            self._listener.close()  # stop accepting
-            self._http.stopping = True
-            self._http.close_idle()
-            for hook in self.state.on_shutdown:  # e.g. close WebSockets with GOING_AWAY
-                await hook()
-            await self._http.shutdown(self.config.drain_timeout)
+            await asyncio.sleep(self._min_drain)
+        listener.close()  # stop accepting
+        http.stopping = True
+        http.close_idle()
+        for hook in self.state.on_shutdown:  # e.g. close WebSockets with GOING_AWAY
+            await hook()
+        await http.shutdown(self.config.drain_timeout)
         self._listener = self._http = None
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
-        if self.state.token_brokers is not None:  # after the drain: requests may need a token
-            await self.state.token_brokers.stop()
-        if self.state.handler is not None:
-            await self.state.handler.relay.close()  # the pooled upstream connections
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        if self.state.handler is not None and self.state.handler.access_log is not None:
-            self.state.handler.access_log.flush()  # lines of requests that finished while draining
-        self.state.handler = None
+
+    def _flush_access_log(self) -> None:
+        handler, self.state.handler = self.state.handler, None
+        if handler is not None and handler.access_log is not None:
+            handler.access_log.flush()  # lines of requests that finished while draining
+
+
+def _background(
+    releases: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None], name: str | None = None
+) -> None:
+    """Run ``work`` as a task until the release: cancelled, and awaited."""
+    task = asyncio.create_task(work, name=name)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    releases.push_async_callback(cancel)
 
 
 def _listen_error(field: str, address: ListenAddress, exc: OSError) -> ConfigError:
@@ -382,5 +360,5 @@ async def run(
         )
         await server.stop(min_drain=config.min_drain)
     finally:
-        await server.stop()  # a no-op after a clean stop; cleans up after a failed start
+        await server.stop()  # a no-op once stopped, or after a failed start (it released its parts)
     log.info("stopped")

@@ -58,7 +58,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"timeout {up.timeout:g}s, retries {up.retries}"
         )
         if up.ca_file is not None:
-            from .relay import UpstreamEndpoint
+            from .upstream_endpoint import UpstreamEndpoint
 
             try:
                 UpstreamEndpoint.build(up)  # loads the CA bundle as serve will

@@ -7,7 +7,7 @@
     ├── RequestRejected         the client's request is refused (400/403/405/413/429/431, ...)
     └── UpstreamError           the upstream could not be reached or answered badly (502/504)
 
-aiohttp's client exceptions are translated into UpstreamError in one place: relay.py.
+aiohttp's client exceptions are translated into UpstreamError in one place: aiohttp_client.py.
 Messages are shown to clients and operators, so they must never contain secret material.
 """
 

@@ -22,11 +22,12 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from yarl import URL
 
+from .aiohttp_client import create_session, translate_client_error
 from .config import Config
 from .credentials import CredentialStore
 from .errors import ConfigError, ProxyError, UpstreamError
-from .relay import UpstreamEndpoint, create_session, translate_client_error
 from .signers import Clock, Signer
+from .upstream_endpoint import UpstreamEndpoint
 
 __all__ = [
     "OFFRAMP_URL",

@@ -17,12 +17,13 @@ from typing import Any, Final
 
 import aiohttp
 
+from .aiohttp_client import create_session
 from .config import Config
 from .credentials import CredentialStore
 from .errors import ConfigError, ProxyError, UpstreamError
 from .onramp import Amount, check_amount, check_client_ip, post_signed_json
-from .relay import UpstreamEndpoint, create_session
 from .signers import Clock, Signer
+from .upstream_endpoint import UpstreamEndpoint
 from .wallet_rules import CDP_HOST
 
 __all__ = [

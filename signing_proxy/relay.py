@@ -1,4 +1,4 @@
-"""The upstream side: one pooled ClientSession, header hygiene, streaming, error translation.
+"""The REST relay: a request sent upstream over the connection pool, its answer streamed back.
 
 Bodies stream through in both directions unless the signer needs the request body (HMAC), in
 which case it is read up to ``max_body_bytes`` (413 above) within the upstream's timeout (408).
@@ -10,7 +10,9 @@ replayed), up to the upstream's ``retries``: any method when the connection coul
 and GET/HEAD/OPTIONS when the connection broke before the response, provided the request body was
 not consumed yet. All attempts share the upstream's ``timeout``.
 
-aiohttp client exceptions are translated into UpstreamError here and nowhere else.
+Beside it: which request headers go upstream (request_headers.py), where an upstream is and how to
+reach it (upstream_endpoint.py), and the aiohttp client for WebSockets and the proxy's own calls
+(aiohttp_client.py).
 """
 
 from __future__ import annotations
@@ -20,39 +22,28 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .answer import HOP_BY_HOP, client_head, connection_names, fold_name, stream_body
-from .config import UpstreamConfig
-from .errors import ConfigError, RequestRejected, UpstreamError
+from .answer import client_head, connection_names, stream_body
+from .errors import RequestRejected, UpstreamError
 from .http_request import Request
+from .request_body import read_capped_body
+from .request_headers import END_TO_END, wire_request_headers
 from .request_record import Exchange
 from .routing import Target
 from .signers import Signer
+from .upstream_endpoint import UpstreamEndpoint
 from .upstream_pool import Response, StaleConnection, UpstreamFailure, UpstreamPool
 from .wallet_auth import WALLET_HEADER
 
 if TYPE_CHECKING:
     from .token_relay import TokenRelay
 
-__all__ = [
-    "END_TO_END",
-    "HOP_BY_HOP",
-    "Exchange",
-    "Relay",
-    "UpstreamEndpoint",
-    "connection_names",
-    "connection_tokens",
-    "create_session",
-    "filter_request_headers",
-    "translate_client_error",
-    "wire_request_headers",
-]
+# END_TO_END, connection_names and Exchange are re-exported: their old import path.
+__all__ = ["END_TO_END", "Exchange", "Relay", "connection_names"]
 
 log = logging.getLogger(__name__)
 
@@ -60,176 +51,6 @@ _SMALL_BODY: Final = 64 * 1024  # responses up to this size are sent in one writ
 # RFC 9110 §9.2.2 lists PUT and DELETE as idempotent too, but a retried DELETE or PUT that the
 # upstream did execute is a second, freshly authorised order operation: only safe methods retry.
 _RETRY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
-# Never forwarded from the client: the proxy owns authentication and framing.
-_REQUEST_DROP: Final = HOP_BY_HOP | {
-    "authorization",
-    "host",
-    "content-length",
-    "expect",
-    "x-signing-proxy-token",
-}
-# Request headers a client may not name in Connection: they describe the body or the target for
-# every recipient (RFC 9110 §7.6.1), so dropping them would change what the upstream executes.
-END_TO_END: Final = frozenset(
-    {"content-length", "content-encoding", "content-type", "content-range", "host", "expect"}
-)
-# Owned by the proxy whatever the spelling: some servers read '_' as '-' (CGI, WSGI), so
-# CB_ACCESS_SIGN must not slip past a filter on CB-ACCESS-*.
-_OWNED_PREFIXES: Final = ("cb-access-", "x-cb-access-")
-_OWNED: Final = _REQUEST_DROP | {"x-wallet-auth"}
-# aiohttp adds these when absent; a proxy must send only what the client sent.
-_NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-
-
-def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    """The header names listed in every Connection header (a client may send several)."""
-    return connection_names(headers.getall("Connection", ()))
-
-
-_OWNED_RAW: Final = frozenset(name.encode() for name in _OWNED)
-_OWNED_PREFIXES_RAW: Final = tuple(prefix.encode() for prefix in _OWNED_PREFIXES)
-
-
-def wire_request_headers(raw: list[tuple[bytes, bytes]], host: str) -> list[tuple[bytes, bytes]]:
-    """``filter_request_headers`` on the bytes as received (the hot path): the same headers
-    dropped, the rest byte for byte in their order, then ``Host: host``."""
-    lowered = [(fold_name(name), name, value) for name, value in raw]
-    named: set[bytes] = set()
-    for lower, _, value in lowered:
-        if lower == b"connection":
-            named |= {t.encode("latin-1") for t in connection_names([value.decode("latin-1")])}
-    out = []
-    for lower, name, value in lowered:
-        if b"_" in lower:
-            lower = lower.replace(b"_", b"-")
-        if lower in _OWNED_RAW or lower in named or lower.startswith(_OWNED_PREFIXES_RAW):
-            continue
-        out.append((name, value))
-    out.append((b"Host", host.encode("latin-1")))
-    return out
-
-
-def filter_request_headers(headers: CIMultiDictProxy[str], host: str) -> CIMultiDict[str]:
-    """Client headers fit to send upstream: no hop-by-hop, no client auth, Host = upstream name."""
-    named = connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if "_" in lower:
-            lower = lower.replace("_", "-")
-        if lower in _OWNED or lower in named or lower.startswith(_OWNED_PREFIXES):
-            continue
-        out.add(name, value)
-    out["Host"] = host
-    return out
-
-
-def _ssl_reason(exc: BaseException) -> str:
-    """OpenSSL's short reason (e.g. WRONG_VERSION_NUMBER), or the exception's type."""
-    reason = getattr(exc, "reason", None)
-    return str(reason) if reason else type(exc).__name__
-
-
-def translate_client_error(exc: BaseException, upstream: str, timeout: float) -> UpstreamError:
-    """Map aiohttp/asyncio failures to stable codes. Order matters: subclasses first."""
-    if isinstance(exc, TimeoutError):  # includes aiohttp.ServerTimeoutError
-        return UpstreamError(
-            f"{upstream} did not answer within {timeout:g}s (upstream timeout)",
-            code="upstream_timeout",
-            status=504,
-        )
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        # The reason (hostname mismatch, unknown CA, expired) and the address are not secret,
-        # and without them a user pointing url: at a gateway or an IP cannot tell what is wrong.
-        cert_error = exc.certificate_error
-        reason = getattr(cert_error, "verify_message", None) or _ssl_reason(cert_error)
-        return UpstreamError(
-            f"TLS certificate of {upstream} could not be verified at {exc.host}:{exc.port} "
-            f"({reason}); check the upstream's url, ca_file and tls_server_name",
-            code="upstream_tls_error",
-        )
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
-        at = f" at {exc.host}:{exc.port}" if isinstance(exc, aiohttp.ClientConnectorError) else ""
-        cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
-        return UpstreamError(
-            f"TLS handshake with {upstream}{at} failed ({_ssl_reason(cause)})",
-            code="upstream_tls_error",
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
-        exc.os_error, ConnectionResetError
-    ):
-        return UpstreamError(
-            f"{upstream} reset the connection while it was being opened",
-            code="upstream_connection_reset",
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or type(exc.os_error).__name__
-        return UpstreamError(
-            f"cannot connect to {upstream} ({reason})", code="upstream_unreachable"
-        )
-    if isinstance(
-        exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError
-    ) or (
-        # The connection closed before the body was complete: aiohttp reports it as a payload error.
-        isinstance(exc, aiohttp.ClientPayloadError)
-        and str(exc).startswith("Response payload is not completed")
-    ):
-        return UpstreamError(
-            f"{upstream} closed or reset the connection before answering",
-            code="upstream_connection_reset",
-        )
-    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        return UpstreamError(
-            f"{upstream} sent a response that is not valid HTTP", code="upstream_bad_response"
-        )
-    return UpstreamError(f"request to {upstream} failed ({type(exc).__name__})")
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamEndpoint:
-    """Per-upstream things built once: where to connect, TLS context, timeout."""
-
-    config: UpstreamConfig
-    origin: str  # scheme://host[:port] to connect to (http(s) form for REST)
-    ssl: ssl.SSLContext | bool
-    timeout: aiohttp.ClientTimeout
-    server_hostname: str | None = None  # tls_server_name: SNI and the name verified
-
-    @classmethod
-    def build(cls, config: UpstreamConfig) -> UpstreamEndpoint:
-        context: ssl.SSLContext | bool = True
-        if config.ca_file is not None:
-            context = ssl.create_default_context()
-            try:
-                context.load_verify_locations(cafile=str(config.ca_file))
-            except (OSError, ssl.SSLError) as exc:  # missing, a directory, not PEM certificates
-                reason = "no PEM certificate in it"
-                if not isinstance(exc, ssl.SSLError):
-                    reason = exc.strerror or type(exc).__name__
-                raise ConfigError(
-                    f"upstreams.{config.name}.ca_file: cannot use {config.ca_file} ({reason})"
-                ) from None
-        origin = config.url.replace("wss://", "https://", 1)
-        timeout = aiohttp.ClientTimeout(total=config.timeout)
-        return cls(config, origin, context, timeout, config.tls_server_name)
-
-
-def create_session() -> aiohttp.ClientSession:
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0, ttl_dns_cache=300),
-        auto_decompress=False,  # bodies pass through untouched
-        cookie_jar=aiohttp.DummyCookieJar(),  # never share one client's cookies with another
-        trust_env=False,  # the config's url: is the only way to reach an upstream
-        skip_auto_headers=_NO_AUTO_HEADERS,
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
-    # aiohttp silently resends idempotent requests (PUT and DELETE included) once when a
-    # connection breaks, with the same headers: a replayed JWT nonce, and a second DELETE. The
-    # Relay does its own, re-signed retries instead. No public switch exists; aiohttp's own
-    # test_utils flips the same attribute (tests/test_faults.py proves it stays off).
-    if hasattr(session, "_retry_connection"):
-        session._retry_connection = False
-    return session
 
 
 class _BodyTooLarge(Exception):
@@ -260,33 +81,6 @@ def _too_large(cap: int, what: str) -> RequestRejected:
     return RequestRejected(
         f"request body exceeds {what} ({cap} bytes)", code="body_too_large", status=413
     )
-
-
-async def read_capped_body(
-    request: Request,
-    cap: int,
-    *,
-    limit: str = "max_body_bytes",
-    why: str = "signing must read the whole body",
-) -> bytes:
-    """The whole request body, refused with 413 above ``cap`` bytes (read no further than that)."""
-    declared = request.content_length
-    if declared is not None and declared > cap:
-        raise RequestRejected(
-            f"request body of {declared} bytes exceeds {limit} ({cap}); {why}",
-            code="body_too_large",
-            status=413,
-        )
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await request.read_chunk():
-        size += len(chunk)
-        if size > cap:
-            raise RequestRejected(
-                f"request body exceeds {limit} ({cap}); {why}", code="body_too_large", status=413
-            )
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def _retryable(exc: UpstreamFailure, method: str, body: _BodyStream | None) -> bool:

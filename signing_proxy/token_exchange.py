@@ -36,12 +36,13 @@ import aiohttp
 from yarl import URL
 
 from . import __version__
+from .aiohttp_client import translate_client_error
 from .config import Config
 from .credentials import Credential, CredentialStore
 from .errors import CredentialError, SigningError, UpstreamError
 from .metrics import ProxyMetrics
-from .relay import UpstreamEndpoint, translate_client_error
 from .signers import Clock, Signer
+from .upstream_endpoint import UpstreamEndpoint
 
 __all__ = [
     "AUTH_METHOD",

@@ -28,19 +28,17 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import strict_json
+from .aiohttp_client import translate_client_error
 from .answer import client_head, stream_body
 from .errors import RequestRejected
 from .http_request import Request
 from .metrics import ProxyMetrics
-from .relay import (
-    Exchange,
-    UpstreamEndpoint,
-    filter_request_headers,
-    read_capped_body,
-    translate_client_error,
-)
+from .request_body import read_capped_body
+from .request_headers import filter_request_headers
+from .request_record import Exchange
 from .routing import Target
 from .token_exchange import TOKEN_REJECTED_CODES, TokenBrokers
+from .upstream_endpoint import UpstreamEndpoint
 
 __all__ = ["TokenRelay", "is_token_rejected", "rpc_method"]
 

@@ -29,7 +29,7 @@ from .config_topper import Flow, TopperSettings
 from .credentials import FileState, parse_private_key, public_fingerprint, read_secret
 from .errors import CredentialError, RequestRejected
 from .http_request import Request
-from .relay import read_capped_body
+from .request_body import read_capped_body
 from .signers import Clock
 
 __all__ = [

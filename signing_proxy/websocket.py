@@ -28,15 +28,18 @@ import aiohttp
 from aiohttp import WSCloseCode, web
 from yarl import URL
 
+from .aiohttp_client import translate_client_error
 from .credentials import CredentialStore
 from .drb_websocket import SocketAuth
 from .errors import RequestRejected, UpstreamError
 from .http_request import Request
 from .metrics import ProxyMetrics, close_code_label
 from .ratelimit import TokenBucket
-from .relay import Exchange, UpstreamEndpoint, filter_request_headers, translate_client_error
+from .request_headers import filter_request_headers
+from .request_record import Exchange
 from .routing import Target
 from .signers import Signer
+from .upstream_endpoint import UpstreamEndpoint
 from .ws_bridge import (
     CLIENT_GONE,
     CLOSE_TIMEOUT,

@@ -12,6 +12,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from signing_proxy.aiohttp_client import create_session
 from signing_proxy.config import parse_config
 from signing_proxy.credentials import CredentialStore, public_fingerprint
 from signing_proxy.errors import ProxyError, UpstreamError
@@ -20,7 +21,7 @@ from signing_proxy.onramp_v2 import (
     onramp_session_for_config,
     session_request_body,
 )
-from signing_proxy.relay import UpstreamEndpoint, create_session
+from signing_proxy.upstream_endpoint import UpstreamEndpoint
 
 from .conftest import EC_KEY_NAME, wallet_secret
 from .test_cli import run_cli

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import trustme
 
-from signing_proxy.relay import create_session
+from signing_proxy.aiohttp_client import create_session
 
 from .conftest import MakeProxy
 from .faults import FaultServer, closed_port

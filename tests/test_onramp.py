@@ -12,6 +12,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from signing_proxy.aiohttp_client import create_session
 from signing_proxy.cli import main
 from signing_proxy.config import parse_config
 from signing_proxy.credentials import CredentialStore
@@ -24,7 +25,7 @@ from signing_proxy.onramp import (
     session_token_for_config,
     token_request_body,
 )
-from signing_proxy.relay import UpstreamEndpoint, create_session
+from signing_proxy.upstream_endpoint import UpstreamEndpoint
 
 from .conftest import ED_KEY_NAME, ec_pem
 from .upstream import VerifyingUpstream

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from signing_proxy.relay import filter_request_headers, wire_request_headers
+from signing_proxy.request_headers import filter_request_headers, wire_request_headers
 
 # Names the filter cares about, in odd spellings, plus arbitrary tokens and latin-1 bytes.
 NAMES = st.sampled_from(
