@@ -3,7 +3,11 @@
 - proxy listener (``listen``): the listener's own HTTP/1.1 server (http_server.py) hands every
   request to ProxyHandler, CONNECT and absolute-form targets included; WebSocket upgrades go on
   to aiohttp (ws_handoff.py);
-- admin listener (``admin_listen``): /healthz, /readyz, /metrics.
+- admin listener (``admin_listen``): /healthz, /readyz, /metrics (admin_answers.py), on the same
+  kind of server with its own limits.
+
+aiohttp is loaded only when something off the hot path needs it (outbound_session.py): a proxy
+that relays REST only never imports it.
 
 ``ProxyServer`` starts both and stops them gracefully: readiness turns 503 at once; the listener
 keeps accepting for ``min_drain`` seconds (for load balancers still routing here); then it stops
@@ -30,12 +34,10 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TextIO
 
-import aiohttp
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .aiohttp_client import create_session
+from .admin_answers import AdminHandler
 from .config import Config, ListenAddress
 from .credentials import (
     Credential,
@@ -45,18 +47,16 @@ from .credentials import (
     read_secret,
 )
 from .errors import ConfigError, CredentialError
-from .guard import reap_orphans
 from .http_server import HttpServer, ServerLimits
 from .logs import AccessLog
 from .malformed import SERVER_LOGGER, MalformedRequestFilter
 from .metrics import ProxyMetrics
+from .outbound_session import OutboundSession
 from .proxy import ProxyHandler
-from .proxy_state import ProxyState, build_admin_app
+from .proxy_state import ProxyState
 from .relay import Relay
 from .routing import Router
 from .signers import Clock
-from .token_exchange import TokenBrokers
-from .token_relay import TokenRelay
 from .topper import TopperEndpoint
 from .upstream_endpoint import UpstreamEndpoint
 
@@ -130,7 +130,7 @@ class ProxyServer:
             MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
         self._releases = contextlib.AsyncExitStack()  # what start() acquired, undone by stop()
         self._min_drain = 0.0  # stop()'s, read by _drain
-        self._admin: web.AppRunner | None = None  # the admin listener
+        self._admin: asyncio.Server | None = None  # the admin listener
         self._http: HttpServer | None = None  # the proxy listener
         self._listener: asyncio.Server | None = None
 
@@ -154,11 +154,11 @@ class ProxyServer:
         return problems
 
     def _build_handler(
-        self, session: aiohttp.ClientSession, topper: TopperEndpoint | None
+        self, sessions: OutboundSession, topper: TopperEndpoint | None
     ) -> ProxyHandler:
         config = self.config
         relay = Relay(
-            session, self.state.endpoints, config.max_body_bytes, config.max_stream_body_bytes
+            sessions, self.state.endpoints, config.max_body_bytes, config.max_stream_body_bytes
         )
         token = read_secret(config.inbound_token) if config.inbound_token else None
         access_log = None
@@ -196,11 +196,15 @@ class ProxyServer:
         config, state = self.config, self.state
         # Released last: the lines of requests that finished while draining.
         releases.callback(self._flush_access_log)
-        session = create_session()
-        releases.push_async_callback(session.close)
-        handler = state.handler = self._build_handler(session, topper)
+        sessions = OutboundSession()
+        releases.push_async_callback(sessions.close)
+        handler = state.handler = self._build_handler(sessions, topper)
         releases.push_async_callback(handler.relay.close)  # the pooled upstream connections
         if any(up.auth == "token_exchange" for up in config.upstreams.values()):
+            from .token_exchange import TokenBrokers  # aiohttp's client: loaded only for these
+            from .token_relay import TokenRelay
+
+            session = sessions.get()
             brokers = state.token_brokers = TokenBrokers(
                 state.credentials, state.endpoints, session, self.metrics
             )
@@ -212,31 +216,20 @@ class ProxyServer:
         if handler.access_log is not None:
             state.on_shutdown.append(_flusher(handler.access_log))
         # Open WebSockets would hold the drain: close them with 1001 at the shutdown step.
-        state.on_shutdown.append(handler.websockets.close_all)
-        admin = self._admin = web.AppRunner(
-            build_admin_app(state, self.exposition),
-            access_log=None,
-            shutdown_timeout=config.drain_timeout,
-            handler_cancellation=True,
-            keepalive_timeout=config.header_timeout,
-            auto_decompress=False,
+        state.on_shutdown.append(handler.close_websockets)
+        limits = ServerLimits(
+            max_header_bytes=config.max_header_bytes,
+            # One bound for a slow head (slowloris) and an idle keep-alive connection.
+            header_timeout=config.header_timeout,
+            idle_timeout=config.header_timeout,
         )
-        await admin.setup()
-        releases.push_async_callback(admin.cleanup)  # after the proxy listener's drain
+        admin = HttpServer(AdminHandler(state.readiness, self.exposition), limits)
+        releases.push_async_callback(self._close_admin, admin)  # after the proxy's drain
         malformed = MalformedRequestFilter(
             lambda kind: self.metrics.malformed_requests.labels(kind).inc()
         )
         refused = malformed.refused
-        http = HttpServer(
-            handler,
-            ServerLimits(
-                max_header_bytes=config.max_header_bytes,
-                # One bound for a slow head (slowloris) and an idle keep-alive connection.
-                header_timeout=config.header_timeout,
-                idle_timeout=config.header_timeout,
-            ),
-            on_refusal=lambda status, code: refused(code, status),
-        )
+        http = HttpServer(handler, limits, on_refusal=lambda status, code: refused(code, status))
         address = config.listen
         try:
             self._listener = await asyncio.get_running_loop().create_server(
@@ -252,15 +245,15 @@ class ProxyServer:
         server_log.addFilter(malformed)
         releases.callback(server_log.removeFilter, malformed)  # removed before the drain begins
         address = config.admin_listen
-        site = web.TCPSite(admin, address.host, address.port, reuse_port=self.reuse_port or None)
         try:
-            await site.start()  # stopped by admin.cleanup
+            self._admin = await asyncio.get_running_loop().create_server(
+                admin, address.host, address.port, reuse_port=self.reuse_port or None
+            )  # closed by _close_admin
         except OSError as exc:
             raise _listen_error("admin_listen", address, exc) from None
         # Key rotation without restart: poll the key files, reload what changed.
         watcher = CredentialWatcher(state.credentials, lambda c, e: _on_reload(state, c, e))
         _background(releases, watcher.run(), name="credential-watcher")
-        _background(releases, reap_orphans(admin))  # cancelled first of all when stopping
 
     def port(self, index: int = 0) -> int:
         """The bound port of listener ``index`` (0: proxy, 1: admin); useful with port 0."""
@@ -268,7 +261,7 @@ class ProxyServer:
             assert self._listener is not None
             return int(self._listener.sockets[0].getsockname()[1])
         assert index == 1 and self._admin is not None
-        return int(self._admin.addresses[0][1])
+        return int(self._admin.sockets[0].getsockname()[1])
 
     @property
     def http(self) -> HttpServer | None:
@@ -297,6 +290,13 @@ class ProxyServer:
             await hook()
         await http.shutdown(self.config.drain_timeout)
         self._listener = self._http = None
+
+    async def _close_admin(self, admin: HttpServer) -> None:
+        """The admin listener's release: it answered /readyz (503) through the drain."""
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        await admin.shutdown(self.config.drain_timeout)
 
     def _flush_access_log(self) -> None:
         handler, self.state.handler = self.state.handler, None

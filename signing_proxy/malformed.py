@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from aiohttp.http_exceptions import HttpProcessingError
-
 __all__ = ["SERVER_LOGGER", "MalformedRequestFilter"]
 
 SERVER_LOGGER: Final = "aiohttp.server"
@@ -44,6 +42,9 @@ class MalformedRequestFilter(logging.Filter):
         self._suppressed: dict[str, int] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Records of this logger exist only once aiohttp is loaded (a WebSocket was relayed).
+        from aiohttp.http_exceptions import HttpProcessingError
+
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True  # not a parser refusal: aiohttp's record as it is

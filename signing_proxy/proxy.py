@@ -13,7 +13,7 @@ import hmac
 import logging
 import traceback
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .answer import refuse
 from .credentials import CredentialStore
@@ -27,8 +27,10 @@ from .request_record import Exchange, Ledger
 from .routing import Router, Target
 from .signers import Signer
 from .topper import ALGORITHM, BOOTSTRAP_PATH, CREDENTIAL_LABEL, TopperEndpoint
-from .websocket import WebSocketRelay
-from .ws_handoff import WebSocketHandoff
+
+if TYPE_CHECKING:
+    from .websocket import WebSocketRelay
+    from .ws_handoff import WebSocketHandoff
 
 __all__ = ["ProxyHandler"]
 
@@ -77,13 +79,37 @@ class ProxyHandler:
             for cred in credentials
             if cred.config.rate_limit is not None
         }
-        self.websockets = WebSocketRelay(
-            relay.session, relay.endpoints, credentials, metrics, buckets=self.buckets
-        )
-        self.handoff = WebSocketHandoff(self.websockets)
+        self._websockets: WebSocketRelay | None = None  # made at the first upgrade
+        self._handoff: WebSocketHandoff | None = None
         topper_limit = topper.settings.rate_limit if topper is not None else None
         self._topper_bucket = TokenBucket(topper_limit) if topper_limit is not None else None
         self.ledger = Ledger(metrics, credentials, access_log)
+
+    @property
+    def websockets(self) -> WebSocketRelay:
+        """The WebSocket relays (aiohttp's client and server): built, and aiohttp loaded, at the
+        first upgrade, so a proxy that relays REST only never loads them."""
+        if self._websockets is None:
+            from .websocket import WebSocketRelay
+
+            relay = self.relay
+            self._websockets = WebSocketRelay(
+                relay.sessions.get(), relay.endpoints, self.credentials, self.metrics,
+                buckets=self.buckets,
+            )  # fmt: skip
+        return self._websockets
+
+    def _ws_handoff(self) -> WebSocketHandoff:
+        if self._handoff is None:
+            from .ws_handoff import WebSocketHandoff
+
+            self._handoff = WebSocketHandoff(self.websockets)
+        return self._handoff
+
+    async def close_websockets(self) -> None:
+        """Close every open WebSocket with 1001 (shutdown); nothing to do if none was relayed."""
+        if self._websockets is not None:
+            await self._websockets.close_all()
 
     def _check_framing(self, request: Request) -> None:
         """What the listener's parser lets through but a signing proxy should not forward.
@@ -240,7 +266,7 @@ class ProxyHandler:
             )
         # The handshake is not signed: the relay puts JWTs in subscribe messages.
         # aiohttp runs the relay on the connection from here (ws_handoff.py).
-        ws_task = await self.handoff.start(request, target, signer, ex)
+        ws_task = await self._ws_handoff().start(request, target, signer, ex)
         if ws_task is None:  # never a handshake: counted as a bad upgrade
             return
         try:

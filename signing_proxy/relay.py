@@ -24,12 +24,12 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Final
 
-import aiohttp
 from yarl import URL
 
 from .answer import client_head, connection_names, stream_body
 from .errors import RequestRejected, UpstreamError
 from .http_request import Request
+from .outbound_session import OutboundSession
 from .request_body import read_capped_body
 from .request_headers import END_TO_END, wire_request_headers
 from .request_record import Exchange
@@ -114,17 +114,17 @@ def _default_tls() -> ssl.SSLContext:
 class Relay:
     """The REST hot path: one keep-alive connection pool per upstream (upstream_pool.py).
 
-    ``session`` (aiohttp) serves what is not on the hot path: WebSocket upgrades and the
-    proxy's own outbound calls."""
+    ``sessions`` (aiohttp, made on first use) serves what is not on the hot path: WebSocket
+    upgrades and the proxy's own outbound calls."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        sessions: OutboundSession,
         endpoints: Mapping[str, UpstreamEndpoint],
         max_body_bytes: int,
         max_stream_body_bytes: int | None = None,
     ):
-        self.session = session
+        self.sessions = sessions
         self.endpoints = endpoints
         self.max_body_bytes = max_body_bytes
         self.max_stream_body_bytes = max_stream_body_bytes

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from .config import UpstreamConfig
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["UpstreamEndpoint"]
 
@@ -26,8 +28,14 @@ class UpstreamEndpoint:
     config: UpstreamConfig
     origin: str  # scheme://host[:port] to connect to (http(s) form for REST)
     ssl: ssl.SSLContext | bool
-    timeout: aiohttp.ClientTimeout
     server_hostname: str | None = None  # tls_server_name: SNI and the name verified
+
+    @property
+    def timeout(self) -> aiohttp.ClientTimeout:
+        """The upstream's timeout for aiohttp's client (only its users load aiohttp)."""
+        import aiohttp
+
+        return aiohttp.ClientTimeout(total=self.config.timeout)
 
     @classmethod
     def build(cls, config: UpstreamConfig) -> UpstreamEndpoint:
@@ -44,5 +52,4 @@ class UpstreamEndpoint:
                     f"upstreams.{config.name}.ca_file: cannot use {config.ca_file} ({reason})"
                 ) from None
         origin = config.url.replace("wss://", "https://", 1)
-        timeout = aiohttp.ClientTimeout(total=config.timeout)
-        return cls(config, origin, context, timeout, config.tls_server_name)
+        return cls(config, origin, context, config.tls_server_name)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from signing_proxy import app
+from signing_proxy import aiohttp_client, app
 from signing_proxy.app import ProxyServer
 from signing_proxy.config import parse_config
 from signing_proxy.errors import ConfigError
@@ -57,13 +59,13 @@ async def test_a_start_that_fails_half_way_releases_what_it_acquired(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sessions: list[aiohttp.ClientSession] = []
-    create_session = app.create_session
+    create_session = aiohttp_client.create_session
 
     def recorded() -> aiohttp.ClientSession:
         sessions.append(session := create_session())
         return session
 
-    monkeypatch.setattr(app, "create_session", recorded)
+    monkeypatch.setattr(aiohttp_client, "create_session", recorded)
     raw: dict[str, Any] = drb_config(drb, ca_file, ec_key_file)  # token brokers start too
     ports = {"listen": free_port(), "admin_listen": free_port()}
     raw.update({field: f"127.0.0.1:{port}" for field, port in ports.items()})
@@ -104,3 +106,44 @@ async def test_stop_answers_503_while_in_flight_requests_finish_then_closes_both
         await stopping
     assert not _listening(ports[0]) and not _listening(ports[1])
     assert proxy.state.handler is None
+
+
+def test_a_proxy_that_relays_rest_only_never_loads_aiohttp(
+    ca_file: Path, ec_key_file: Path, tmp_path: Path
+) -> None:
+    # aiohttp (its client and server) is ~11 MiB of idle RSS and ~0.2 s of start-up: only
+    # WebSockets, token exchange and Onramp calls load it (outbound_session.py).
+    script = f"""
+import asyncio, sys
+from signing_proxy.app import ProxyServer
+from signing_proxy.config import parse_config
+raw = {{
+    "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
+    "credentials": {{"c": {{"key_file": {str(ec_key_file)!r}}}}},
+    "upstreams": {{"api.coinbase.com": {{
+        "credential": "c", "ca_file": {str(ca_file)!r}, "url": "https://127.0.0.1:{free_port()}",
+    }}}},
+    "routes": [{{"prefix": "/", "upstream": "api.coinbase.com"}}],
+}}
+async def main():
+    server = ProxyServer(parse_config(raw))
+    await server.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port(1))
+    writer.write(b"GET /metrics HTTP/1.1\\r\\nHost: a\\r\\nConnection: close\\r\\n\\r\\n")
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+    # A signed request walks the whole REST path; nothing listens upstream: a 502.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port(0))
+    writer.write(b"GET /api/v3/x HTTP/1.1\\r\\nHost: a\\r\\nConnection: close\\r\\n\\r\\n")
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 502"), answer[:80]
+    await server.stop()
+asyncio.run(main())
+print(sorted(m for m in sys.modules if m.split(".")[0] == "aiohttp"))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

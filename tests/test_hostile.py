@@ -384,18 +384,20 @@ async def test_streamed_body_cap(
 # --- a request line that crashed aiohttp's server: the connection is still answered and closed ----
 
 
+@pytest.mark.parametrize("listener", [0, 1])  # the proxy's and the admin's
 @pytest.mark.parametrize("line", [b"CONNECT  ", b"CONNECT "])
 async def test_request_line_that_crashes_aiohttp_does_not_leak_the_connection(
-    proxy: ProxyServer, upstream: VerifyingUpstream, line: bytes
+    proxy: ProxyServer, upstream: VerifyingUpstream, line: bytes, listener: int
 ) -> None:
     # aiohttp 3.14.5: "CONNECT" with no target leaves the URL unset and web.Request() raises in
     # aiohttp's connection task, before any handler (guard.py closed those). The listener's own
     # server refuses the empty target itself.
     started = time.monotonic()
-    raw = await raw_exchange(proxy.port(0), line + b"\r\nHost: p\r\n\r\n", within=5)
+    raw = await raw_exchange(proxy.port(listener), line + b"\r\nHost: p\r\n\r\n", within=5)
     assert time.monotonic() - started < 2.5
     assert _status(raw) == 400 and _json(raw)["error"] == "bad_request"
     assert upstream.connections == 0
     server = proxy.http
     assert server is not None
+    # The answer ended because the server closed the connection (raw_exchange reads to EOF).
     await wait_for(lambda: server.connections == 0, what="the connection to be closed")
