@@ -586,9 +586,27 @@ def stream_test(peer: Peer, pids: list[int], upload: bool) -> dict[str, Any]:
     }
 
 
-def run_peer(
-    peer: Peer, procs: Procs, env: Env, args: argparse.Namespace, lua: Path
-) -> dict[str, Any]:
+@dataclass
+class Running:
+    """A peer under test: its results so far, its process (None: direct) and its URL."""
+
+    peer: Peer
+    res: dict[str, Any]
+    proc: subprocess.Popen[bytes] | None
+    url: str
+    c32_runs: list[dict[str, Any]]
+    c1_runs: list[dict[str, Any]]
+
+    @property
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid) if self.proc is not None else []
+
+
+def start_peer(
+    peer: Peer, procs: Procs, env: Env, args: argparse.Namespace
+) -> Running | dict[str, Any]:
+    """Start a peer (timing its starts), check it answers and signs; it then idles on core 0
+    until its turns in the load rounds. A dict: the peer's result, it could not be run."""
     res: dict[str, Any] = {"name": peer.name, "ready_what": peer.ready_what}
     if peer.unavailable:
         res["error"] = peer.unavailable
@@ -621,30 +639,63 @@ def run_peer(
             res["idle_rss_mib"] = rss_mib(pids)
             if peer.signs:
                 res["signature"] = check_signature(peer, env)
-        wrk(url, 32, args.warmup, lua)  # warm: connection pools, caches
-        pids = process_tree(proc.pid) if proc is not None else []
-        # Several short runs, keep the best: other work on a shared machine only ever makes a
-        # run slower, so the best run is the one least disturbed.
-        c32_runs = [measured_wrk(url, 32, args.duration, lua, pids) for _ in range(args.reps)]
-        c1_runs = [measured_wrk(url, 1, args.duration, lua, pids) for _ in range(args.reps)]
-        load = max(c32_runs, key=lambda r: r["rps"])
-        res["c32"], res["c32_runs"] = load, c32_runs
-        res["c1"] = min(c1_runs, key=lambda r: r["p50_us"])
-        res["c1_runs"] = c1_runs
-        res["core0_foreign"] = max(load["core0_foreign"], res["c1"]["core0_foreign"])
-        if proc is not None:
-            res["load_rss_mib"] = max(r["rss_peak_mib"] for r in c32_runs)
-            res["cpu_us_per_req"] = load["cpu_s"] / max(load["requests"], 1) * 1e6
-            res["cpu_util"] = load["cpu_s"] / (load["duration_us"] / 1e6)
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"exited with code {proc.returncode} during the load")
-        if peer.stream and not args.skip_stream and proc is not None:
-            pids = process_tree(proc.pid)
-            res["stream_download"] = stream_test(peer, pids, upload=False)
-            res["stream_upload"] = stream_test(peer, pids, upload=True)
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}"
         log(f"{peer.name}: {res['error']}")
+        if proc is not None:
+            procs.stop(proc)
+        return res
+    return Running(peer, res, proc, url, [], [])
+
+
+def load_rounds(running: list[Running], args: argparse.Namespace, lua: Path) -> None:
+    """The load runs, interleaved: round r measures every peer once before round r+1 starts,
+    so a slow spell of the shared machine falls on all peers alike instead of on one."""
+    for run in running:
+        log(f"warm-up: {run.peer.name}")
+        wrk(run.url, 32, args.warmup, lua)  # connection pools, caches
+    for conns, attr in ((32, "c32_runs"), (1, "c1_runs")):
+        for rnd in range(args.reps):
+            for run in running:
+                if "error" in run.res:
+                    continue
+                log(f"round {rnd + 1}/{args.reps}, {conns} conn: {run.peer.name}")
+                try:
+                    if rnd == 0 and conns == 1:
+                        wrk(run.url, 1, min(args.warmup, 1.0), lua)  # the 1-connection path
+                    getattr(run, attr).append(
+                        measured_wrk(run.url, conns, args.duration, lua, run.pids)
+                    )
+                    if run.proc is not None and run.proc.poll() is not None:
+                        raise RuntimeError(
+                            f"exited with code {run.proc.returncode} during the load"
+                        )
+                except Exception as e:
+                    run.res["error"] = f"{type(e).__name__}: {e}"
+                    log(f"{run.peer.name}: {run.res['error']}")
+
+
+def finish_peer(run: Running, procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
+    """Keep each peer's best runs (a shared machine only ever makes a run slower), stream
+    through it, stop it."""
+    res, proc = run.res, run.proc
+    try:
+        if "error" not in res and run.c32_runs and run.c1_runs:
+            load = max(run.c32_runs, key=lambda r: r["rps"])
+            res["c32"], res["c32_runs"] = load, run.c32_runs
+            res["c1"] = min(run.c1_runs, key=lambda r: r["p50_us"])
+            res["c1_runs"] = run.c1_runs
+            res["core0_foreign"] = max(load["core0_foreign"], res["c1"]["core0_foreign"])
+            if proc is not None:
+                res["load_rss_mib"] = max(r["rss_peak_mib"] for r in run.c32_runs)
+                res["cpu_us_per_req"] = load["cpu_s"] / max(load["requests"], 1) * 1e6
+                res["cpu_util"] = load["cpu_s"] / (load["duration_us"] / 1e6)
+            if run.peer.stream and not args.skip_stream and proc is not None:
+                res["stream_download"] = stream_test(run.peer, run.pids, upload=False)
+                res["stream_upload"] = stream_test(run.peer, run.pids, upload=True)
+    except Exception as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+        log(f"{run.peer.name}: {res['error']}")
     finally:
         if proc is not None:
             procs.stop(proc)
@@ -675,7 +726,7 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"- machine: {m['cpu']}, {m['nproc']} cores, {m['mem_gib']:.0f} GiB RAM, Linux {m['kernel']}; "
         f"Python {m['python']}, aiohttp {m['aiohttp']} ({m.get('loop', '?')}), {m['nginx']}, {m['wrk']}, mitmproxy {m['mitmproxy']}",
-        f"- mode: {'quick' if m['quick'] else 'full'} — wrk -t1, best of {m['reps']} run(s) of {m['duration']:g} s "
+        f"- mode: {'quick' if m['quick'] else 'full'} — wrk -t1, best of {m['reps']} interleaved round(s) of {m['duration']:g} s "
         f"per figure after {m['warmup']:g} s warm-up; start-to-ready is the median of {m['starts']} start(s); run took {m['took_s']:.0f} s",
         f"- pinning: proxy under test on core {PROXY_CORE} (measured: {m['pinning'].get('proxy', '?')}); "
         f"wrk, upstream nginx, upload sink and this harness on core {LOAD_CORE} "
@@ -1045,12 +1096,16 @@ def main() -> int:
             "upstream": cpus_allowed(upstream_pid) if upstream_pid else "?",
             "harness": cpus_allowed(os.getpid()),
         }
+        started_peers: list[Running | dict[str, Any]] = []
         for peer in build_peers(env, args):
             log(
                 f"peer: {peer.name}"
                 + (f" — unavailable: {peer.unavailable}" if peer.unavailable else "")
             )
-            res = run_peer(peer, procs, env, args, lua)
+            started_peers.append(start_peer(peer, procs, env, args))
+        load_rounds([p for p in started_peers if isinstance(p, Running)], args, lua)
+        for item in started_peers:
+            res = finish_peer(item, procs, args) if isinstance(item, Running) else item
             if res.get("pinned_to"):
                 results["meta"]["pinning"].setdefault("proxy", res["pinned_to"])
             results["peers"].append(res)
