@@ -35,6 +35,7 @@ __all__ = [
     "HmacSigner",
     "PrivateKey",
     "Signer",
+    "der_to_jws",
     "hmac_request_path",
     "jwt_uri",
 ]
@@ -94,6 +95,20 @@ def _b64url(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
+def der_to_jws(der: bytes) -> bytes:
+    """An ECDSA P-256 signature in DER (``SEQUENCE { INTEGER r, INTEGER s }``) as JWS ``r || s``,
+    32 bytes each (RFC 7518 §3.4). Sliced by hand: the DER of a P-256 signature is at most 72
+    bytes, so every length is one byte; anything else goes to cryptography's parser."""
+    if len(der) <= 72 and der[0] == 0x30 and der[1] == len(der) - 2 and der[2] == 0x02:
+        r_end = 4 + der[3]
+        if r_end + 2 <= len(der) and der[r_end] == 0x02 and r_end + 2 + der[r_end + 1] == len(der):
+            r, s = der[4:r_end], der[r_end + 2 :]
+            if len(r) <= 33 and len(s) <= 33:
+                return r[-32:].rjust(32, b"\0") + s[-32:].rjust(32, b"\0")
+    r_int, s_int = decode_dss_signature(der)
+    return r_int.to_bytes(32, "big") + s_int.to_bytes(32, "big")
+
+
 class CdpJwtSigner:
     """CDP API key → a fresh 120 s JWT per request, ES256 for P-256 keys, EdDSA for Ed25519 keys.
 
@@ -125,8 +140,7 @@ class CdpJwtSigner:
             ecdsa = ec.ECDSA(hashes.SHA256())
 
             def sign(msg: bytes) -> bytes:
-                r, s = decode_dss_signature(private_key.sign(msg, ecdsa))
-                return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+                return der_to_jws(private_key.sign(msg, ecdsa))
 
             self._sign: Callable[[bytes], bytes] = sign
         elif isinstance(private_key, ed25519.Ed25519PrivateKey):

@@ -12,8 +12,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from signing_proxy.signers import CdpJwtSigner, HmacSigner, hmac_request_path, jwt_uri
+from signing_proxy.signers import CdpJwtSigner, HmacSigner, der_to_jws, hmac_request_path, jwt_uri
 
 NOW = 1_700_000_000.7
 KEY_NAME = "organizations/org-1/apiKeys/key-1"
@@ -180,3 +182,25 @@ def test_hmac_request_path_rules() -> None:
     assert hmac_request_path("/api/v3/brokerage/orders", "x=1") == "/api/v3/brokerage/orders"
     assert hmac_request_path("/v2/accounts", "x=1") == "/v2/accounts?x=1"
     assert hmac_request_path("/v2/accounts", "") == "/v2/accounts"
+
+
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+@settings(max_examples=500)
+@given(
+    r=st.integers(1, P256_ORDER - 1) | st.integers(1, 2**64),  # short ones need left padding
+    s=st.integers(1, P256_ORDER - 1) | st.sampled_from([1, 127, 128, 255, 256, 2**255]),
+)
+def test_der_to_jws_is_r_then_s_32_bytes_each(r: int, s: int) -> None:
+    der = encode_dss_signature(r, s)
+    assert der_to_jws(der) == r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def test_der_to_jws_of_real_signatures_verifies_with_the_public_key() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    for i in range(200):
+        msg = b"message %d" % i
+        raw = der_to_jws(key.sign(msg, ec.ECDSA(hashes.SHA256())))
+        r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+        key.public_key().verify(encode_dss_signature(r, s), msg, ec.ECDSA(hashes.SHA256()))
