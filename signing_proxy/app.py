@@ -127,6 +127,7 @@ class ProxyServer:
         self.exposition = metrics.registry
         if multiprocess_dir is not None:  # metrics of every worker, read from their mmap files
             self.exposition = CollectorRegistry()
+            self.exposition.register(metrics.batch)  # this worker's pending counts go first
             MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
         self._releases = contextlib.AsyncExitStack()  # what start() acquired, undone by stop()
         self._min_drain = 0.0  # stop()'s, read by _drain
@@ -196,6 +197,7 @@ class ProxyServer:
         config, state = self.config, self.state
         # Released last: the lines of requests that finished while draining.
         releases.callback(self._flush_access_log)
+        releases.callback(self.metrics.flush)  # counts of requests that finished while draining
         sessions = OutboundSession()
         releases.push_async_callback(sessions.close)
         handler = state.handler = self._build_handler(sessions, topper)

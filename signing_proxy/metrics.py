@@ -12,6 +12,7 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import __version__
+from .metric_batch import MetricBatch, PendingCounter, PendingHistogram, batchable
 
 __all__ = ["ProxyMetrics", "close_code_label", "method_label", "status_class"]
 
@@ -38,9 +39,19 @@ def close_code_label(code: int) -> str:
     return str(code) if code in _CLOSE_CODES else "other"
 
 
+class _Direct:
+    """A histogram child observed at once (a prometheus-client without the batch's internals)."""
+
+    def __init__(self, child: Any):
+        self.observe = child.observe
+
+
 class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
+        # First on the registry: every collection flushes the hot path's pending counts.
+        self.batch = MetricBatch()
+        registry.register(self.batch)
         ns = "signing_proxy"
         # A gauge rather than an Info: Info does not work in multiprocess (--workers) mode.
         Gauge(
@@ -200,13 +211,35 @@ class ProxyMetrics:
             registry=registry,
         )
 
-        # Label children by key: labels() costs ~2.5 µs with its lock and checks; a dict lookup
-        # does not. Keys are bounded (see the module docstring), so these dicts are too.
-        self._requests: dict[tuple[str, str, str, str], Any] = {}
-        self._durations: dict[tuple[str, str], Any] = {}
-        self._tokens: dict[tuple[str, str], Any] = {}
-        self._signing: dict[str, Any] = {}
-        self._upstreams: dict[str, Any] = {}
+        # The hot path's children by key, each behind its pending counts (metric_batch.py):
+        # labels() costs ~2.5 µs with its lock and checks, a dict lookup does not. Keys are
+        # bounded (see the module docstring), so these dicts are too.
+        self._requests: dict[tuple[str, str, str, str], PendingCounter] = {}
+        self._durations: dict[tuple[str, str], PendingHistogram | _Direct] = {}
+        self._tokens: dict[tuple[str, str], PendingCounter] = {}
+        self._signing: dict[str, PendingHistogram | _Direct] = {}
+        self._upstreams: dict[str, PendingHistogram | _Direct] = {}
+        self._in_flight = self._pending_counter(self.in_flight)
+
+    def _pending_counter(self, child: Any) -> PendingCounter:
+        pending = PendingCounter(child)
+        self.batch.track(pending)
+        return pending
+
+    def _pending_histogram(self, child: Any) -> PendingHistogram | _Direct:
+        if not batchable(child):
+            return _Direct(child)
+        pending = PendingHistogram(child)
+        self.batch.track(pending)
+        return pending
+
+    def request_started(self) -> None:
+        self._in_flight.amount += 1
+        self.batch.touched()
+
+    def request_finished(self) -> None:
+        self._in_flight.amount -= 1
+        self.batch.touched()
 
     def count_request(
         self, upstream: str, method: str, route: str, status: int, seconds: float
@@ -214,28 +247,37 @@ class ProxyMetrics:
         key = (upstream, method, route, status_class(status))
         counter = self._requests.get(key)
         if counter is None:
-            counter = self._requests[key] = self.requests.labels(*key)
-        counter.inc()
+            counter = self._requests[key] = self._pending_counter(self.requests.labels(*key))
+        counter.amount += 1
         histogram = self._durations.get((upstream, route))
         if histogram is None:
-            histogram = self._durations[(upstream, route)] = self.request_duration.labels(
-                upstream, route
-            )
+            child = self.request_duration.labels(upstream, route)
+            histogram = self._durations[(upstream, route)] = self._pending_histogram(child)
         histogram.observe(seconds)
+        self.batch.touched()
 
     def count_signature(self, credential: str, scheme: str, seconds: float, count: int = 1) -> None:
         """``count`` signatures (more than one when a request was retried, signed afresh)."""
         counter = self._tokens.get((credential, scheme))
         if counter is None:
-            counter = self._tokens[(credential, scheme)] = self.tokens.labels(credential, scheme)
-        counter.inc(count)
+            child = self.tokens.labels(credential, scheme)
+            counter = self._tokens[(credential, scheme)] = self._pending_counter(child)
+        counter.amount += count
         histogram = self._signing.get(scheme)
         if histogram is None:
-            histogram = self._signing[scheme] = self.signing_duration.labels(scheme)
+            timing = self.signing_duration.labels(scheme)
+            histogram = self._signing[scheme] = self._pending_histogram(timing)
         histogram.observe(seconds)
+        self.batch.touched()
 
     def observe_upstream(self, upstream: str, seconds: float) -> None:
         histogram = self._upstreams.get(upstream)
         if histogram is None:
-            histogram = self._upstreams[upstream] = self.upstream_duration.labels(upstream)
+            child = self.upstream_duration.labels(upstream)
+            histogram = self._upstreams[upstream] = self._pending_histogram(child)
         histogram.observe(seconds)
+        self.batch.touched()
+
+    def flush(self) -> None:
+        """Add every pending count to its metric now (shutdown; readers that bypass collect)."""
+        self.batch.flush()

@@ -184,7 +184,7 @@ class ProxyHandler:
     async def __call__(self, request: Request) -> None:
         """The listener's handler: one request, answered through ``request``, counted once."""
         ex = Exchange.begin(request)
-        self.metrics.in_flight.inc()
+        self.metrics.request_started()
         try:
             try:
                 await self._walk(request, ex)
@@ -209,7 +209,7 @@ class ProxyHandler:
                 ex.status, ex.error = refusal.status, refusal.code
                 await self._refuse(request, ex, refusal)
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.request_finished()
             self.ledger.finish(ex)
 
     async def _walk(self, request: Request, ex: Exchange) -> None:

@@ -57,10 +57,16 @@ async def raw_exchange(port: int, request: bytes, *, within: float = 5.0) -> byt
 
 
 async def wait_for(predicate: Any, *, within: float = 5.0, what: str = "condition") -> float:
-    """Poll ``predicate()`` every 50 ms; return the seconds it took, fail after ``within`` s."""
+    """Poll ``predicate()`` (a coroutine function too) every 50 ms; return the seconds it took,
+    fail after ``within`` s."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    while not predicate():
+
+    async def holds() -> bool:
+        result = predicate()
+        return bool(await result) if asyncio.iscoroutine(result) else bool(result)
+
+    while not await holds():
         if loop.time() - start > within:
             raise AssertionError(f"{what} not met within {within}s")
         await asyncio.sleep(0.05)

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from signing_proxy.config import env_overrides, load_config
 from signing_proxy.errors import ConfigError
+from signing_proxy.metric_batch import FLUSH_SECONDS
 
 from .helpers import wait_for
 from .proc import ProxyProcess, free_port, write_config
@@ -161,11 +162,20 @@ async def test_workers_share_the_port_and_aggregate_metrics(
         for _ in range(40):
             async with aiohttp.ClientSession() as client:
                 assert await _status(client, f"{base}/api/v3/brokerage/accounts") == 200
-        async with (
-            aiohttp.ClientSession() as client,
-            client.get(f"{admin}/metrics", headers={"Accept-Encoding": "identity"}) as resp,
-        ):
-            text = await resp.text()
+        texts: list[str] = []
+
+        async def scrape() -> bool:
+            async with (
+                aiohttp.ClientSession() as client,
+                client.get(f"{admin}/metrics", headers={"Accept-Encoding": "identity"}) as resp,
+            ):
+                texts.append(await resp.text())
+            return _metric(texts[-1], "signing_proxy_requests_total") >= 40
+
+        # The scraped worker's counts are current; the other's reach the shared files within
+        # metric_batch.FLUSH_SECONDS.
+        await wait_for(scrape, within=2 * FLUSH_SECONDS + 1, what="40 requests counted")
+        text = texts[-1]
         assert _metric(text, "signing_proxy_requests_total") == 40  # both workers' counts, summed
         assert _metric(text, "signing_proxy_tokens_minted_total") == 40
         assert _metric(text, "signing_proxy_in_flight_requests") == 0

@@ -21,7 +21,7 @@ from yarl import URL
 from signing_proxy.app import ProxyServer
 
 from .conftest import EC_KEY_NAME, ED_KEY_NAME, HMAC_SECRET, PUBLIC_HOST, MakeProxy, ec_pem
-from .helpers import admin, base, fetch
+from .helpers import admin, base, fetch, metric
 from .upstream import VerifyingUpstream
 
 IDENTITY = {"Accept-Encoding": "identity"}
@@ -384,7 +384,7 @@ async def test_upstream_timeout_is_504(
     proxy = await make_proxy(config_dict)
     status, data, _, _ = await fetch(client, "GET", f"{base(proxy)}/slow?seconds=3")
     assert status == 504 and data is not None and data["error"] == "upstream_timeout"
-    assert proxy.metrics.in_flight._value.get() == 0
+    assert metric(proxy, "signing_proxy_in_flight_requests") == 0
 
 
 async def test_upstream_untrusted_certificate_is_502(
