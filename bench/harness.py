@@ -504,6 +504,19 @@ def build_peers(env: Env, args: argparse.Namespace) -> list[Peer]:
         plain.ready_url = f"http://127.0.0.1:{plain_admin}/readyz"
     peers.append(plain)
 
+    # The same on CPython 3.13 (bench/run builds .venv-proxy313 where pyenv has 3.13).
+    exe313 = BENCH / ".venv-proxy313" / "bin" / "signing-proxy"
+    if ours.cmd and exe313.exists():
+        py313 = Peer(
+            "signing-proxy (CPython 3.13)", port=free_port(), ready_what="admin /readyz", signs=True
+        )
+        admin313 = free_port()
+        py313.cmd = [
+            str(exe313), *ours.cmd[1:],
+            "--listen", f"127.0.0.1:{py313.port}", "--admin-listen", f"127.0.0.1:{admin313}",
+        ]  # fmt: skip
+        py313.ready_url = f"http://127.0.0.1:{admin313}/readyz"
+        peers.append(py313)
     for p in peers:
         if p.cmd and not p.ready_url:
             p.ready_url = p.base + API_PATH
