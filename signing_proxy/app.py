@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import gc
 import logging
 import os
 import signal
@@ -47,6 +44,7 @@ from .credentials import (
     read_secret,
 )
 from .errors import ConfigError, CredentialError
+from .glibc_malloc import keep_read_buffers_on_heap, release_startup_memory
 from .http_server import HttpServer, ServerLimits
 from .logs import AccessLog
 from .malformed import SERVER_LOGGER, MalformedRequestFilter
@@ -328,19 +326,6 @@ def _listen_error(field: str, address: ListenAddress, exc: OSError) -> ConfigErr
     return ConfigError(f"{field}: cannot listen on {address} ({reason})")
 
 
-def _release_startup_memory() -> None:
-    """Give the heap that start-up freed (imports, config, key parsing) back to the OS.
-
-    glibc keeps freed memory mapped; malloc_trim returns it (~1 MiB of idle RSS here).
-    """
-    gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 async def run(
     config: Config, *, reuse_port: bool = False, multiprocess_dir: str | None = None
 ) -> None:
@@ -350,9 +335,10 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    keep_read_buffers_on_heap()
     try:
         await server.start()
-        _release_startup_memory()
+        release_startup_memory()
         await stop.wait()
         log.info(
             "stopping: draining in-flight requests",

@@ -164,7 +164,7 @@ class Relay:
             "latin-1"
         )  # the path exactly as signed
         timeout = target.upstream.timeout
-        loop = asyncio.get_running_loop()
+        loop = pool.running_loop()
         deadline = loop.time() + timeout
         base = headers
         declared = request.content_length if stream is not None else None

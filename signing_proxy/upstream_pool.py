@@ -150,6 +150,15 @@ class UpstreamPool:
         self._waiters: deque[asyncio.Future[Connection | None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the pool (and every connection in it) runs on, asked for once: on
+        Python 3.11 each asyncio.get_running_loop() is a getpid() system call."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     @property
     def idle(self) -> int:
@@ -186,7 +195,7 @@ class UpstreamPool:
             framing = b"Transfer-Encoding: chunked\r\n"
         head = serialize_head(method, target, headers, framing)
         if deadline is None:
-            deadline = asyncio.get_running_loop().time() + timeout
+            deadline = self.running_loop().time() + timeout
         conn = await self._checkout(deadline, timeout)
         conn.begin(method == "HEAD", deadline)
         try:
@@ -226,7 +235,7 @@ class UpstreamPool:
         if self._closed:
             raise UpstreamFailure(f"the pool for {self.name} is closed", code="upstream_error",
                                   reached=False)  # fmt: skip
-        loop = asyncio.get_running_loop()
+        loop = self.running_loop()
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -284,7 +293,7 @@ class UpstreamPool:
         if self._closed or conn not in self._live:
             self._drop(conn)
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = conn.loop.time()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -326,11 +335,11 @@ class UpstreamPool:
     def _schedule_sweep(self) -> None:
         if self._sweeper is None and self._idle:
             when = self._idle[0].idle_since + self.idle_timeout
-            self._sweeper = asyncio.get_running_loop().call_at(when, self._sweep)
+            self._sweeper = self.running_loop().call_at(when, self._sweep)
 
     def _sweep(self) -> None:
         self._sweeper = None
-        limit = asyncio.get_running_loop().time() - self.idle_timeout
+        limit = self.running_loop().time() - self.idle_timeout
         while self._idle and self._idle[0].idle_since <= limit:
             self._drop(self._idle[0], graceful=True)
         self._schedule_sweep()
