@@ -23,6 +23,7 @@ __all__ = [
     "ClientHead",
     "client_head",
     "connection_names",
+    "connection_names_raw",
     "fold_name",
     "refuse",
     "stream_body",
@@ -71,13 +72,28 @@ def fold_name(name: bytes) -> bytes:
     return name.lower() if name.isascii() else name.decode("latin-1").lower().encode("latin-1")
 
 
+_NAMED: dict[bytes, frozenset[bytes]] = {}  # Connection value -> the names it lists
+_MAX_NAMED: Final = 64
+
+
+def connection_names_raw(value: bytes) -> frozenset[bytes]:
+    """``connection_names`` of one Connection value as received, in bytes; the few values seen
+    in practice (``keep-alive``, ``close``) are remembered."""
+    named = _NAMED.get(value)
+    if named is None:
+        named = frozenset(t.encode("latin-1") for t in connection_names([value.decode("latin-1")]))
+        if len(_NAMED) < _MAX_NAMED:
+            _NAMED[value] = named
+    return named
+
+
 def client_head(raw: Iterable[tuple[bytes, bytes]], request_id: str) -> ClientHead:
     """The upstream's headers minus hop-by-hop and framing ones, plus X-Request-Id."""
     lowered = [(fold_name(name), name, value) for name, value in raw]
-    named: set[bytes] = set()
+    named: frozenset[bytes] = frozenset()
     for lower, _, value in lowered:
         if lower == b"connection":
-            named |= {t.encode("latin-1") for t in connection_names([value.decode("latin-1")])}
+            named |= connection_names_raw(value)
     headers: list[tuple[bytes, bytes]] = []
     date: str | None = None
     declared: int | None = None

@@ -18,8 +18,10 @@ import time
 from typing import Any, Final, Literal, TextIO
 
 __all__ = [
+    "ACCESS_FIELDS",
     "ACCESS_LOGGER",
     "AccessLog",
+    "AccessValues",
     "JsonFormatter",
     "TextFormatter",
     "json_members",
@@ -136,6 +138,20 @@ def setup_logging(
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+# The fields of a proxied request's access line, in order (request_record.Ledger.finish).
+ACCESS_FIELDS: Final = (
+    "request_id", "method", "upstream", "route", "path", "credential", "status", "error",
+    "bytes_out", "retries", "duration_ms", "upstream_ms", "sign_ms", "client",
+)  # fmt: skip
+AccessValues = tuple[
+    str, str, str, str, str, str | None, int, str | None, int, int, float, float, float, str | None
+]
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _json_str(value)
+
+
 class AccessLog:
     """Writes one access-log line per request, shaped like JsonFormatter's or TextFormatter's.
 
@@ -180,6 +196,29 @@ class AccessLog:
                 + self._process_text
                 + " ".join(f"{k}={text_value(v)}" for k, v in fields.items())
             )
+        self._add(line)
+
+    def request(self, values: AccessValues) -> None:
+        """One proxied request's line: ``values`` in ``ACCESS_FIELDS`` order, the same line
+        ``self(dict(zip(ACCESS_FIELDS, values)))`` writes, from one template (the per-request
+        path: about three times cheaper than the general rendering)."""
+        if not self._json:
+            self(dict(zip(ACCESS_FIELDS, values, strict=True)))
+            return
+        (request_id, method, upstream, route, path, credential, status, error, bytes_out,
+         retries, duration_ms, upstream_ms, sign_ms, client) = values  # fmt: skip
+        q = _json_str
+        self._add(
+            f'{{"ts": "{self._timestamp(time.time())}", "level": "info", '
+            f'"logger": "{ACCESS_LOGGER}", "msg": "request"{self._process_json}, '
+            f'"request_id": {q(request_id)}, "method": {q(method)}, "upstream": {q(upstream)}, '
+            f'"route": {q(route)}, "path": {q(path)}, "credential": {_opt(credential)}, '
+            f'"status": {status:d}, "error": {_opt(error)}, "bytes_out": {bytes_out:d}, '
+            f'"retries": {retries:d}, "duration_ms": {duration_ms!r}, '
+            f'"upstream_ms": {upstream_ms!r}, "sign_ms": {sign_ms!r}, "client": {_opt(client)}}}'
+        )
+
+    def _add(self, line: str) -> None:
         self._pending.append(line)
         if len(self._pending) >= self.FLUSH_LINES:
             self.flush()

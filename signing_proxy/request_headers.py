@@ -14,7 +14,7 @@ from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .answer import HOP_BY_HOP, connection_names, fold_name
+from .answer import HOP_BY_HOP, connection_names, connection_names_raw, fold_name
 
 __all__ = [
     "END_TO_END",
@@ -55,10 +55,10 @@ def wire_request_headers(raw: list[tuple[bytes, bytes]], host: str) -> list[tupl
     """``filter_request_headers`` on the bytes as received (the hot path): the same headers
     dropped, the rest byte for byte in their order, then ``Host: host``."""
     lowered = [(fold_name(name), name, value) for name, value in raw]
-    named: set[bytes] = set()
+    named: frozenset[bytes] = frozenset()
     for lower, _, value in lowered:
         if lower == b"connection":
-            named |= {t.encode("latin-1") for t in connection_names([value.decode("latin-1")])}
+            named |= connection_names_raw(value)
     out = []
     for lower, name, value in lowered:
         if b"_" in lower:

@@ -112,24 +112,24 @@ class Ledger:
             if ex.relayed:
                 metrics.observe_upstream(upstream, ex.upstream_seconds)
                 self._learn(ex, target)
-        if self.access_log is not None:
-            self.access_log(
-                {
-                    "request_id": ex.request_id,
-                    "method": ex.method,
-                    "upstream": upstream,
-                    "route": route,
-                    "path": target.path if target is not None else ex.raw_target[:256],
-                    "credential": ex.credential,
-                    "status": ex.status,
-                    "error": ex.error,
-                    "bytes_out": ex.bytes_out,
-                    "retries": ex.retries,
-                    "duration_ms": round(seconds * 1000, 3),
-                    "upstream_ms": round(ex.upstream_seconds * 1000, 3),
-                    "sign_ms": round(ex.sign_seconds * 1000, 3),
-                    "client": ex.client,
-                }
+        if self.access_log is not None:  # logs.ACCESS_FIELDS, in order
+            self.access_log.request(
+                (
+                    ex.request_id,
+                    ex.method,
+                    upstream,
+                    route,
+                    target.path if target is not None else ex.raw_target[:256],
+                    ex.credential,
+                    ex.status,
+                    ex.error,
+                    ex.bytes_out,
+                    ex.retries,
+                    round(seconds * 1000, 3),
+                    round(ex.upstream_seconds * 1000, 3),
+                    round(ex.sign_seconds * 1000, 3),
+                    ex.client,
+                )
             )
 
     def _learn(self, ex: Exchange, target: Target) -> None:

@@ -10,7 +10,7 @@ import logging
 from hypothesis import given
 from hypothesis import strategies as st
 
-from signing_proxy.logs import AccessLog, JsonFormatter, json_members
+from signing_proxy.logs import ACCESS_FIELDS, AccessLog, AccessValues, JsonFormatter, json_members
 
 FIELDS = {"request_id": "r1", "status": 200, "route": "/api/v3/{id}", "error": None}
 
@@ -80,3 +80,26 @@ def test_json_members_is_exactly_what_json_dumps_writes(fields: dict[str, object
     # The access line's fast renderer must produce json.dumps's bytes: same escaping of client
     # text (quotes, control characters, non-ASCII, lone surrogates), same numbers.
     assert "{" + json_members(fields) + "}" == json.dumps(fields, default=str)
+
+
+TEXT = st.text(max_size=20)
+OPTIONAL = st.none() | TEXT
+MS = st.floats(0, 1e6, allow_nan=False).map(lambda x: round(x, 3))
+
+
+ACCESS_VALUES = st.tuples(
+    TEXT, TEXT, TEXT, TEXT, TEXT, OPTIONAL, st.integers(0, 999), OPTIONAL,
+    st.integers(0, 2**40), st.integers(0, 5), MS, MS, MS, OPTIONAL,
+)  # fmt: skip
+
+
+@given(ACCESS_VALUES)
+def test_request_line_is_the_general_line(values: AccessValues) -> None:
+    # The per-request template writes byte for byte what the dict rendering writes (timestamps
+    # aside), so a client's path with quotes or control characters is escaped the same way.
+    template, general = io.StringIO(), io.StringIO()
+    AccessLog("json", template).request(values)
+    AccessLog("json", general)(dict(zip(ACCESS_FIELDS, values, strict=True)))
+    ours, theirs = template.getvalue(), general.getvalue()
+    assert ours.partition('"level"')[2] == theirs.partition('"level"')[2]
+    assert json.loads(ours)["path"] == values[4]
