@@ -96,6 +96,7 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # when the current exchange must be over
         self._reset_exchange(False)
 
     # -- exchange state ------------------------------------------------------------------------
@@ -121,10 +122,19 @@ class Connection(asyncio.Protocol):
     def begin(self, head_request: bool, deadline: float) -> None:
         self._reset_exchange(head_request)
         self.active = True
-        self._timer = self.loop.call_at(deadline, self._time_out)
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:  # else it fires first and re-arms
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._time_out)
 
-    def disarm(self) -> None:
-        if self._timer is not None:
+    def disarm(self, *, keep_timer: bool = False) -> None:
+        """The exchange is over: its deadline no longer applies. ``keep_timer``: leave the timer
+        for the next exchange on this kept-alive connection (firing, it finds no deadline due
+        and goes, or re-arms for a later one): one timer a connection, not one a request."""
+        self._deadline = None
+        if not keep_timer and self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
@@ -187,6 +197,12 @@ class Connection(asyncio.Protocol):
 
     def _time_out(self) -> None:
         self._timer = None
+        deadline = self._deadline
+        if deadline is None:  # between exchanges: nothing was due
+            return
+        if self.loop.time() < deadline:  # a later exchange's deadline
+            self._timer = self.loop.call_at(deadline, self._time_out)
+            return
         self.fail(ResponseTimeout())
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -245,7 +261,7 @@ class Connection(asyncio.Protocol):
         self.active = False
         self.served += 1
         self.keep_alive = keep_alive and self.error is None
-        self.disarm()
+        self.disarm(keep_timer=self.keep_alive)
         self._wake()
 
     # -- httptools callbacks ---------------------------------------------------------------------

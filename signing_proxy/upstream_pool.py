@@ -289,7 +289,7 @@ class UpstreamPool:
         return conn
 
     def _reuse(self, conn: Connection) -> None:
-        conn.disarm()
+        conn.disarm(keep_timer=True)
         if self._closed or conn not in self._live:
             self._drop(conn)
             return

@@ -438,6 +438,49 @@ async def test_slow_head_times_out_504(scripted: MakeServer, make_pool: MakePool
     release.set()
 
 
+async def test_each_exchange_on_a_kept_connection_has_its_own_deadline(
+    scripted: MakeServer, make_pool: MakePool
+) -> None:
+    # One timer a connection (http1.Connection.begin): a short deadline of an earlier exchange
+    # must not cut a later, longer one short, and a later, shorter one must still fire on time.
+    answer_second = asyncio.Event()
+    second_read = asyncio.Event()
+    third_read = asyncio.Event()
+
+    async def script(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(OK)
+        await peer.read_request()
+        second_read.set()
+        await answer_second.wait()  # past the first exchange's deadline
+        await peer.send(OK)
+        await peer.read_request()
+        third_read.set()
+        await asyncio.Event().wait()  # never answers the third
+
+    server = await scripted(script)
+    pool = make_pool(server.port)
+    loop = asyncio.get_running_loop()
+    first = await pool.request("GET", b"/", HOST, None, timeout=0.3)
+    assert (first.status, await first.read()) == (200, b"ok")
+    first.release()
+    started = loop.time()
+    second = asyncio.ensure_future(pool.request("GET", b"/", HOST, None, timeout=5.0))
+    await wait_for(second_read.is_set, what="the second request at the upstream")
+    # The condition is time itself: the first exchange's 0.3 s deadline must pass.
+    await wait_for(lambda: loop.time() - started > 0.5, what="the first deadline to pass")
+    answer_second.set()
+    resp = await second
+    assert (resp.status, await resp.read()) == (200, b"ok")
+    resp.release()
+    assert len(server.peers) == 1  # the same connection throughout
+    start = loop.time()
+    with pytest.raises(UpstreamFailure) as caught:
+        await pool.request("GET", b"/", HOST, None, timeout=0.2)
+    assert third_read.is_set() and loop.time() - start < 1.5
+    assert caught.value.code == "upstream_timeout"
+
+
 async def test_stalled_body_times_out_within_the_same_budget(
     scripted: MakeServer, make_pool: MakePool
 ) -> None:
