@@ -12,7 +12,7 @@ The rules implemented here are pinned down in docs/coinbase-auth.md ("CDP API ke
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 import time
 from collections.abc import Callable
@@ -91,8 +91,12 @@ _json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 _nonce: Final = RandomHex(32)
 
 
+_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+
+
 def _b64url(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    """base64url without padding (RFC 7515 §2), straight from binascii."""
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
 
 
 def der_to_jws(der: bytes) -> bytes:
