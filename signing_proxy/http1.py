@@ -53,6 +53,22 @@ class ResponseTimeout(Exception):
     """The request's deadline passed before the exchange was complete."""
 
 
+_GOOD_TOKENS: set[bytes] = set()  # methods and header names already checked (a bounded few)
+_MAX_GOOD_TOKENS: Final = 256
+
+
+def _tokens(verb: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """The method and every header name are RFC 9110 tokens (checked once per distinct one)."""
+    good = _GOOD_TOKENS
+    for token in (verb, *[name for name, _ in headers]):
+        if token not in good:
+            if _TOKEN.fullmatch(token) is None:
+                return False
+            if len(good) < _MAX_GOOD_TOKENS:
+                good.add(token)
+    return True
+
+
 def serialize_head(
     method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]], framing: bytes
 ) -> bytes:
@@ -60,12 +76,10 @@ def serialize_head(
     ``Content-Length``/``Transfer-Encoding`` line (or b""). Refuses anything that would let one
     value start another line or request (response splitting / smuggling)."""
     verb = method.encode("ascii")
-    parts = [verb, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(framing)
-    parts.append(b"\r\n")
-    head = b"".join(parts)
+    head = b"".join(
+        [verb, b" ", target, b" HTTP/1.1\r\n",
+         *[name + b": " + value + b"\r\n" for name, value in headers], framing, b"\r\n"]
+    )  # fmt: skip
     lines = len(headers) + 2 + (1 if framing else 0)
     if (
         head.count(b"\n") != lines
@@ -73,8 +87,7 @@ def serialize_head(
         or b"\x00" in head
         or not target
         or _TARGET_BAD.search(target) is not None
-        or _TOKEN.fullmatch(verb) is None
-        or (headers and _TOKEN.fullmatch(b"".join([name for name, _ in headers])) is None)
+        or not _tokens(verb, headers)
     ):
         raise ValueError("request method, target or header not fit to send (CR, LF, NUL, space)")
     return head
