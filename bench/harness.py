@@ -36,9 +36,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 BENCH = Path(__file__).resolve().parent
+PY_VERSION: Final = f"{sys.version_info.major}.{sys.version_info.minor}"  # the harness's own
 REPO = BENCH.parent
 PROXY_CORE, LOAD_CORE = "0", "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -385,6 +386,7 @@ class Peer:
     stream: bool = False
     env: dict[str, str] = field(default_factory=dict)
     unavailable: str = ""  # why the peer cannot run here
+    note: str = ""  # shown in the table's notes (e.g. the interpreter and loop)
 
     @property
     def base(self) -> str:
@@ -486,37 +488,31 @@ def build_peers(env: Env, args: argparse.Namespace) -> list[Peer]:
     elif not exe.exists():
         ours.unavailable = f"{exe} missing (pip install -e {REPO})"
     else:
-        # As the image ships it: event_loop auto, which is uvloop (the image installs the extra).
-        ours.cmd = [str(exe), "serve", "-c", str(cfg), "--event-loop", "auto"]
+        # As the image ships it: CPython 3.13 (bench/run builds .venv-proxy313 where pyenv has
+        # it; else this venv's Python) and event_loop auto, which is uvloop.
+        exe313 = BENCH / ".venv-proxy313" / "bin" / "signing-proxy"
+        shipped = exe313 if exe313.exists() else exe
+        ours.cmd = [str(shipped), "serve", "-c", str(cfg), "--event-loop", "auto"]
         ours.ready_url = f"http://127.0.0.1:{admin}/readyz"
+        ours.note = "CPython 3.13, uvloop" if shipped == exe313 else f"CPython {PY_VERSION}, uvloop"
     peers.append(ours)
-    # The same on the standard asyncio loop (an install without the extra): what uvloop is worth.
-    plain = Peer(
-        "signing-proxy (asyncio loop)", port=free_port(), ready_what="admin /readyz", signs=True
-    )
-    plain.unavailable = ours.unavailable
-    if ours.cmd:
-        plain_admin = free_port()
-        plain.cmd = [
-            *ours.cmd[:-2], "--event-loop", "asyncio",
-            "--listen", f"127.0.0.1:{plain.port}", "--admin-listen", f"127.0.0.1:{plain_admin}",
-        ]  # fmt: skip
-        plain.ready_url = f"http://127.0.0.1:{plain_admin}/readyz"
-    peers.append(plain)
-
-    # The same on CPython 3.13 (bench/run builds .venv-proxy313 where pyenv has 3.13).
-    exe313 = BENCH / ".venv-proxy313" / "bin" / "signing-proxy"
-    if ours.cmd and exe313.exists():
-        py313 = Peer(
-            "signing-proxy (CPython 3.13)", port=free_port(), ready_what="admin /readyz", signs=True
-        )
-        admin313 = free_port()
-        py313.cmd = [
-            str(exe313), *ours.cmd[1:],
-            "--listen", f"127.0.0.1:{py313.port}", "--admin-listen", f"127.0.0.1:{admin313}",
-        ]  # fmt: skip
-        py313.ready_url = f"http://127.0.0.1:{admin313}/readyz"
-        peers.append(py313)
+    # What each choice is worth: the standard asyncio loop, and the harness's own CPython.
+    program = ours.cmd[0] if ours.cmd else str(exe)
+    variants = [("signing-proxy (asyncio loop)", program, "asyncio")]
+    if program != str(exe):
+        variants.append((f"signing-proxy (CPython {PY_VERSION})", str(exe), "auto"))
+    for name, program, loop in variants:
+        variant = Peer(name, port=free_port(), ready_what="admin /readyz", signs=True)
+        variant.unavailable = ours.unavailable
+        if ours.cmd:
+            variant_admin = free_port()
+            variant.cmd = [
+                program, "serve", "-c", str(cfg), "--event-loop", loop,
+                "--listen", f"127.0.0.1:{variant.port}",
+                "--admin-listen", f"127.0.0.1:{variant_admin}",
+            ]  # fmt: skip
+            variant.ready_url = f"http://127.0.0.1:{variant_admin}/readyz"
+        peers.append(variant)
     for p in peers:
         if p.cmd and not p.ready_url:
             p.ready_url = p.base + API_PATH
@@ -621,6 +617,8 @@ def start_peer(
     """Start a peer (timing its starts), check it answers and signs; it then idles on core 0
     until its turns in the load rounds. A dict: the peer's result, it could not be run."""
     res: dict[str, Any] = {"name": peer.name, "ready_what": peer.ready_what}
+    if peer.note:
+        res["note"] = peer.note
     if peer.unavailable:
         res["error"] = peer.unavailable
         return res
@@ -774,7 +772,7 @@ def report(r: dict[str, Any]) -> str:
         add50 = None if is_direct or direct is None else c1["p50_us"] - direct["c1"]["p50_us"]
         add99 = None if is_direct or direct is None else c1["p99_us"] - direct["c1"]["p99_us"]
         p["added_p50_us"], p["added_p99_us"] = add50, add99
-        notes = []
+        notes = [p["note"]] if p.get("note") else []
         if p.get("signature"):
             notes.append(f"JWT check {p['signature']}")
         if p.get("core0_foreign", 0) > NOISE_LIMIT:
