@@ -50,15 +50,33 @@ def signing_input(alg: str) -> bytes:
     return b64url(json.dumps(header).encode()) + b"." + b64url(json.dumps(claims).encode())
 
 
-def measure(fn: Callable[[], Any], budget: float, repeats: int) -> float:
-    """Best per-call time in microseconds over `repeats` runs of about `budget` seconds each."""
-    fn()  # warm: imports, caches, first-call costs
+def calibrate(fn: Callable[[], Any], budget: float) -> int:
+    """How many calls take about ``budget`` seconds (after a warm call: imports, caches)."""
+    fn()
     number, elapsed = 1, 0.0
-    while elapsed < budget / 4:  # calibrate the loop count
+    while elapsed < budget / 4:
         number *= 2
         elapsed = timeit.timeit(fn, number=number)
-    number = max(1, int(number * budget / max(elapsed, 1e-9)))
-    return min(timeit.repeat(fn, number=number, repeat=repeats)) / number * 1e6
+    return max(1, int(number * budget / max(elapsed, 1e-9)))
+
+
+def measure_interleaved(
+    cases: dict[str, Callable[[], Any]], budget: float, repeats: int, errors: dict[str, str]
+) -> dict[str, float]:
+    """Best per-call microseconds of each case, the repeats interleaved (round r times every
+    case once before round r+1), so a slow spell of a shared machine falls on all cases alike
+    instead of skewing one case against the floor. A case that raises goes to ``errors``."""
+    numbers: dict[str, int] = {}
+    for name, fn in cases.items():
+        try:
+            numbers[name] = calibrate(fn, budget)
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    best = dict.fromkeys(numbers, float("inf"))
+    for _ in range(repeats):
+        for name, number in numbers.items():
+            best[name] = min(best[name], timeit.timeit(cases[name], number=number) / number * 1e6)
+    return best
 
 
 def verify_jwt(token: str, public_key: Any, alg: str) -> str:
@@ -260,11 +278,8 @@ def main() -> int:
     ):
         cases, checks, errors = builder()
         rows = {}
-        for name, fn in cases.items():
-            try:
-                rows[name] = {"us": measure(fn, budget, repeats), "check": checks.get(name, "")}
-            except Exception as e:
-                errors[name] = f"{type(e).__name__}: {e}"
+        for name, us in measure_interleaved(cases, budget, repeats, errors).items():
+            rows[name] = {"us": us, "check": checks.get(name, "")}
         floor = next(v["us"] for k, v in rows.items() if k.startswith("floor"))
         for row in rows.values():
             row["x_floor"] = row["us"] / floor
