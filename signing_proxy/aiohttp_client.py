@@ -6,7 +6,8 @@ token_relay.py) and the proxy's own outbound calls (Onramp) go through one aioht
 cookies, no proxy from the environment, no headers the client did not send, no silent resend.
 
 aiohttp client exceptions are translated into UpstreamError here (``translate_client_error``) and
-nowhere else; the REST relay's own pool classifies its failures in upstream_errors.py.
+nowhere else; every call site catches the same set, ``CLIENT_FAILURES``. The REST relay's own pool
+classifies its failures in upstream_errors.py.
 """
 
 from __future__ import annotations
@@ -15,10 +16,31 @@ import ssl
 from typing import Final
 
 import aiohttp
+from aiohttp.http_exceptions import ContentLengthError, TransferEncodingError
 
 from .errors import UpstreamError
 
-__all__ = ["create_session", "translate_client_error"]
+__all__ = ["CLIENT_FAILURES", "create_session", "translate_client_error"]
+
+# What a failed aiohttp client call (a request, reading its body, a WebSocket upgrade, sending on
+# the socket) raises: catch exactly this wherever the failure goes to translate_client_error or
+# is treated as "the upstream call failed", so no call site forgets a member.
+CLIENT_FAILURES: Final[tuple[type[BaseException], ...]] = (
+    # aiohttp's own tree: refused and reset connections (ClientConnectorError, ClientOSError,
+    # ServerDisconnectedError), TLS failures it wraps (ClientSSLError), bad responses and bodies.
+    aiohttp.ClientError,
+    # asyncio.timeout and ClientTimeout; aiohttp's ServerTimeoutError is one too. An OSError as
+    # well, listed so the reader sees timeouts are caught (and the first except must be it when a
+    # timeout is told apart from the rest).
+    TimeoutError,
+    # What the transport raises without aiohttp wrapping it: a reset or broken pipe while writing,
+    # and ssl.SSLError (an OSError) from a TLS layer that fails after the handshake.
+    OSError,
+)
+
+# The parser's "the body ended short" errors: aiohttp makes one the cause of the
+# ClientPayloadError it raises when the connection closes mid-body (client_proto.connection_lost).
+_ENDED_SHORT: Final = (ContentLengthError, TransferEncodingError)
 
 # aiohttp adds these when absent; a proxy must send only what the client sent.
 _NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -71,8 +93,7 @@ def translate_client_error(exc: BaseException, upstream: str, timeout: float) ->
         exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError
     ) or (
         # The connection closed before the body was complete: aiohttp reports it as a payload error.
-        isinstance(exc, aiohttp.ClientPayloadError)
-        and str(exc).startswith("Response payload is not completed")
+        isinstance(exc, aiohttp.ClientPayloadError) and isinstance(exc.__cause__, _ENDED_SHORT)
     ):
         return UpstreamError(
             f"{upstream} closed or reset the connection before answering",

@@ -28,6 +28,7 @@ import aiohttp
 from aiohttp import WSMessage, WSMsgType
 
 from . import strict_json
+from .aiohttp_client import CLIENT_FAILURES
 from .credentials import CredentialStore
 from .errors import ProxyError, SigningError, UpstreamError
 from .metrics import ProxyMetrics
@@ -138,10 +139,10 @@ class SocketAuth:
                         raise ExchangeFailed("the upstream closed the socket", "unreachable")
         except ExchangeFailed as exc:
             reason = exc.reason
-        except TimeoutError:
+        except TimeoutError:  # before CLIENT_FAILURES, which holds it: a timeout is told apart
             self.metrics.token_exchanges.labels(self.credential, "websocket", "timeout").inc()
             reason = f"no answer within {self.timeout:g}s"
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except CLIENT_FAILURES as exc:
             self.metrics.token_exchanges.labels(self.credential, "websocket", "unreachable").inc()
             reason = f"the connection failed ({type(exc).__name__})"
         raise UpstreamError(

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode
 import aiohttp
 from yarl import URL
 
-from .aiohttp_client import create_session, translate_client_error
+from .aiohttp_client import CLIENT_FAILURES, create_session, translate_client_error
 from .config import Config
 from .credentials import CredentialStore
 from .errors import ConfigError, ProxyError, UpstreamError
@@ -204,7 +204,7 @@ async def post_signed_json(
             allow_redirects=False,
         ) as response:
             return response.status, response.reason or "", await response.read()
-    except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+    except CLIENT_FAILURES as exc:
         raise translate_client_error(exc, host, endpoint.config.timeout) from None
 
 

@@ -26,7 +26,6 @@ import json
 import logging
 import random
 import re
-import ssl
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import aiohttp
 from yarl import URL
 
 from . import __version__
-from .aiohttp_client import translate_client_error
+from .aiohttp_client import CLIENT_FAILURES, translate_client_error
 from .config import Config
 from .credentials import Credential, CredentialStore
 from .errors import CredentialError, SigningError, UpstreamError
@@ -325,7 +324,7 @@ class TokenBroker:
                     raise ExchangeFailed(f"HTTP {response.status}, answer too large", "bad_answer")
                 raw = await response.read()
                 status = response.status
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+        except CLIENT_FAILURES as exc:
             error = translate_client_error(exc, self.upstream, endpoint.config.timeout)
             outcome = "timeout" if error.status == 504 else "unreachable"
             raise ExchangeFailed(error.message, outcome) from None

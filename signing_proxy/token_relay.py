@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
 import time
 from typing import Final
 
@@ -28,7 +27,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import strict_json
-from .aiohttp_client import translate_client_error
+from .aiohttp_client import CLIENT_FAILURES, translate_client_error
 from .answer import client_head, stream_body
 from .errors import RequestRejected
 from .http_request import Request
@@ -198,7 +197,7 @@ class TokenRelay:
             except BaseException:  # never pool a half-read connection
                 upstream.close()
                 raise
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+        except CLIENT_FAILURES as exc:
             raise translate_client_error(exc, host, endpoint.config.timeout) from None
 
     async def _respond(
@@ -223,7 +222,7 @@ class TokenRelay:
         upstream_name, timeout = target.upstream.name, target.upstream.timeout
 
         def failure(exc: BaseException) -> str | None:
-            if isinstance(exc, aiohttp.ClientError | TimeoutError | ssl.SSLError):
+            if isinstance(exc, CLIENT_FAILURES):  # only the upstream's body is read here
                 return translate_client_error(exc, upstream_name, timeout).code
             return None
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Mapping
 from typing import Final
@@ -28,7 +27,7 @@ import aiohttp
 from aiohttp import WSCloseCode, web
 from yarl import URL
 
-from .aiohttp_client import translate_client_error
+from .aiohttp_client import CLIENT_FAILURES, translate_client_error
 from .credentials import CredentialStore
 from .drb_websocket import SocketAuth
 from .errors import RequestRejected, UpstreamError
@@ -208,7 +207,7 @@ class WebSocketRelay:
                 f"{host} refused the WebSocket upgrade (HTTP {exc.status})",
                 code="upstream_websocket_refused",
             ) from None
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+        except CLIENT_FAILURES as exc:
             raise translate_client_error(exc, host, timeout) from None
         ex.upstream_seconds = time.perf_counter() - started
         return upstream

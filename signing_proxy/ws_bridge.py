@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from prometheus_client import Counter
 
+from .aiohttp_client import CLIENT_FAILURES
 from .drb_websocket import SocketAuth
 from .metrics import ProxyMetrics
 from .ws_signing import SubscribeRateLimited
@@ -104,7 +105,7 @@ async def close_socket(ws: _Socket, code: int, reason: str) -> bool:
     try:
         async with asyncio.timeout(CLOSE_TIMEOUT):
             await ws.close(code=code, message=reason.encode()[:123])
-    except (TimeoutError, ConnectionError, aiohttp.ClientError):
+    except CLIENT_FAILURES:  # the client's socket fails the same ways (aiohttp's server side)
         return False
     except asyncio.CancelledError:
         # aiohttp shares one drain future between everything waiting on a paused transport; if
@@ -302,7 +303,7 @@ class Bridge:
                     await dest.ping(item.data)
                 else:
                     await dest.pong(item.data)
-            except (ConnectionError, aiohttp.ClientError):
+            except CLIENT_FAILURES:
                 side = "client" if to_client else "upstream"
                 error = "client_disconnected" if to_client else "upstream_connection_reset"
                 self.end(_LOST, f"{side} went away", error)

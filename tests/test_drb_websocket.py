@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry
 
-from signing_proxy.drb_websocket import RESERVED_ID_BASE
+from signing_proxy.config_credentials import CredentialConfig
+from signing_proxy.credentials import CredentialStore
+from signing_proxy.drb_websocket import RESERVED_ID_BASE, SocketAuth
+from signing_proxy.errors import UpstreamError
+from signing_proxy.metrics import ProxyMetrics
 
 from .conftest import MakeProxy, ec_pem
-from .drb_upstream import DrbUpstream, drb_config
+from .drb_upstream import DRB, DrbUpstream, drb_config
 from .helpers import base, fetch, metric, wait_for
 
 WS_PATH = "/drb/ws/api/v2"
@@ -142,3 +148,44 @@ async def test_failed_socket_auth_refuses_the_upgrade(
         proxy, "signing_proxy_token_exchanges_total",
         credential="trading", transport="websocket", outcome="rejected",
     ) == 2  # fmt: skip
+
+
+class _TlsFailsOnSend:
+    """The gateway's real socket, whose TLS layer fails as the proxy writes public/auth.
+
+    aiohttp 3.14 wraps most transport failures in ConnectionError/ClientError, but an OSError
+    such as ssl.SSLError can still come out of a send unwrapped (another aiohttp, another event
+    loop); SocketAuth.open used to let one escape the upgrade unreported.
+    """
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws = ws
+
+    async def send_str(self, data: str) -> None:
+        raise ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac")
+
+    async def receive(self) -> aiohttp.WSMessage:
+        return await self.ws.receive()
+
+
+async def test_a_socket_failing_during_auth_is_reported(
+    drb: DrbUpstream, ca_file: Path, ec_key_file: Path
+) -> None:
+    store = CredentialStore({"trading": CredentialConfig("trading", "cdp", key_file=ec_key_file)})
+    assert store.load_all() == []
+    registry = CollectorRegistry()
+    auth = SocketAuth(store, "trading", ProxyMetrics(registry), timeout=5)
+    context = ssl.create_default_context(cafile=ca_file)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(drb.url + "/ws/api/v2", ssl=context) as ws,
+    ):
+        with pytest.raises(UpstreamError) as caught:
+            await auth.open(_TlsFailsOnSend(ws), DRB)  # type: ignore[arg-type]
+    assert caught.value.code == "token_exchange_failed"
+    assert caught.value.message == (
+        f"{DRB} did not authenticate the WebSocket for credential 'trading': "
+        "public/auth failed (the connection failed (SSLError))"
+    )
+    outcome = {"credential": "trading", "transport": "websocket", "outcome": "unreachable"}
+    assert registry.get_sample_value("signing_proxy_token_exchanges_total", outcome) == 1
