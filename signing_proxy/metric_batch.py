@@ -18,13 +18,13 @@ from typing import Any, Final
 
 from prometheus_client.registry import Collector
 
-__all__ = ["MetricBatch", "PendingCounter", "PendingGauge", "PendingHistogram"]
+__all__ = ["MetricBatch", "PendingCounter", "PendingHistogram", "batchable"]
 
 FLUSH_SECONDS: Final = 1.0
 
 
 class PendingCounter:
-    """Increments of one counter child (or gauge child) not yet added to it."""
+    """Increments of one counter child (or gauge: a signed increment) not yet added to it."""
 
     __slots__ = ("amount", "child")
 
@@ -36,9 +36,6 @@ class PendingCounter:
         if self.amount:
             amount, self.amount = self.amount, 0
             self.child.inc(amount)
-
-
-PendingGauge = PendingCounter  # a gauge's pending change is a signed increment too
 
 
 class PendingHistogram:

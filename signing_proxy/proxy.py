@@ -15,14 +15,15 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from .answer import refuse
+from .answer import connection_names, refuse
 from .credentials import CredentialStore
 from .errors import ProxyError, RequestRejected
 from .http_request import Request
 from .logs import AccessLog
 from .metrics import ProxyMetrics
 from .ratelimit import TokenBucket
-from .relay import END_TO_END, Relay, connection_names
+from .relay import Relay
+from .request_headers import END_TO_END
 from .request_record import Exchange, Ledger
 from .routing import Router, Target
 from .signers import Signer

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Final
 
 from yarl import URL
 
-from .answer import client_head, connection_names, stream_body
+from .answer import client_head, stream_body
 from .errors import RequestRejected, UpstreamError
 from .http_request import Request
 from .outbound_session import OutboundSession
 from .request_body import read_capped_body
-from .request_headers import END_TO_END, wire_request_headers
+from .request_headers import wire_request_headers
 from .request_record import Exchange
 from .routing import Target
 from .signers import Signer
@@ -42,8 +42,7 @@ from .wallet_auth import WALLET_HEADER
 if TYPE_CHECKING:
     from .token_relay import TokenRelay
 
-# END_TO_END, connection_names and Exchange are re-exported: their old import path.
-__all__ = ["END_TO_END", "Exchange", "Relay", "connection_names"]
+__all__ = ["Relay"]
 
 log = logging.getLogger(__name__)
 

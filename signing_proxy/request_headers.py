@@ -3,9 +3,9 @@
 The REST relay (relay.py), the token-exchange relay (token_relay.py) and the WebSocket relay
 (websocket.py) send the client's headers minus the hop-by-hop ones (RFC 9110 §7.6.1), minus
 those a Connection header names, and minus every header the proxy owns (authentication and
-framing), whatever its spelling; Host becomes the upstream's name. ``wire_request_headers`` does
-the same on the bytes as received, for the REST hot path (tests/test_wire_headers.py holds the
-two to the same answer).
+framing), whatever its spelling; Host becomes the upstream's name. ``wire_request_headers`` is
+the one filter (on the bytes as received, for the REST hot path); ``filter_request_headers`` is
+the same for aiohttp's client.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .answer import HOP_BY_HOP, connection_names, connection_names_raw, fold_name
+from .answer import HOP_BY_HOP, connection_names_raw, fold_name
 
 __all__ = [
     "END_TO_END",
-    "connection_tokens",
     "filter_request_headers",
     "wire_request_headers",
 ]
@@ -40,12 +39,6 @@ END_TO_END: Final = frozenset(
 # CB_ACCESS_SIGN must not slip past a filter on CB-ACCESS-*.
 _OWNED_PREFIXES: Final = ("cb-access-", "x-cb-access-")
 _OWNED: Final = _REQUEST_DROP | {"x-wallet-auth"}
-
-
-def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    """The header names listed in every Connection header (a client may send several)."""
-    return connection_names(headers.getall("Connection", ()))
-
 
 _OWNED_RAW: Final = frozenset(name.encode() for name in _OWNED)
 _OWNED_PREFIXES_RAW: Final = tuple(prefix.encode() for prefix in _OWNED_PREFIXES)
@@ -71,15 +64,10 @@ def wire_request_headers(raw: list[tuple[bytes, bytes]], host: str) -> list[tupl
 
 
 def filter_request_headers(headers: CIMultiDictProxy[str], host: str) -> CIMultiDict[str]:
-    """Client headers fit to send upstream: no hop-by-hop, no client auth, Host = upstream name."""
-    named = connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if "_" in lower:
-            lower = lower.replace("_", "-")
-        if lower in _OWNED or lower in named or lower.startswith(_OWNED_PREFIXES):
-            continue
-        out.add(name, value)
-    out["Host"] = host
-    return out
+    """Client headers fit to send upstream: no hop-by-hop, no client auth, Host = upstream name
+    (``wire_request_headers`` on the latin-1 text, for aiohttp's client)."""
+    raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    return CIMultiDict(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in wire_request_headers(raw, host)
+    )

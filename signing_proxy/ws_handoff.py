@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .errors import JSON_CONTENT_TYPE, ProxyError
 from .http_request import Request
-from .relay import Exchange
+from .request_record import Exchange
 from .routing import Target
 from .signers import Signer
 from .websocket import WebSocketRelay
